@@ -1,0 +1,97 @@
+"""The backend's process: settings, logging, model files, and the web server.
+
+    python _wsgi.py --host 0.0.0.0 --port 9090
+
+Every setting comes from the environment (see the README); the command line only says where to listen.
+Missing model files are downloaded first; a model file that cannot be loaded stops the process with a
+message that says why, before it listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import model
+from api import init_app
+from segnext_backend.engine import ModelInterfaceError, SegNextEngine
+from segnext_backend.model_files import ModelFilesError, ensure_model_files
+from segnext_backend.settings import Settings, SettingsError
+
+logger = logging.getLogger("segnext_backend")
+
+DEMO_BANNER = """
+###############################################################################
+#  DEMO MODE: these are the project's colour-region TEST MODELS, NOT SegNext.  #
+#  A click selects the pixels of the clicked colour. Unset DEMO for SegNext.   #
+###############################################################################"""
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def model_paths(settings: Settings) -> tuple[Path, Path]:
+    """Where the encoder and decoder are, downloading them (or building the demo ones) first if needed."""
+    if settings.demo:
+        from tools.test_models import build_test_models
+
+        return build_test_models(settings.model_dir / "demo")
+    ensure_model_files(settings.model_dir, settings.model_url, settings.model_sha256)
+    return settings.model_dir / "encoder.onnx", settings.model_dir / "decoder.onnx"
+
+
+def load(settings: Settings) -> None:
+    """Load the models into this process (once: every request shares them)."""
+    encoder_path, decoder_path = model_paths(settings)
+    engine = SegNextEngine(
+        encoder_path,
+        decoder_path,
+        intra_op_threads=settings.intra_op_threads,
+        max_concurrent_decodes=settings.max_concurrent_decodes,
+    )
+    if engine.is_test_model:
+        logger.warning(DEMO_BANNER)
+    model.set_runtime(model.build_runtime(settings, engine))
+    logger.info("models loaded from %s and %s (%s)", encoder_path, decoder_path, model.get_runtime().model_version)
+
+
+def create_app(settings: Settings):
+    basic_auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
+    return init_app(model.SegNextBackend, basic_auth=basic_auth, status=model.runtime_status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="SegNext ML backend for Label Studio")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=9090, help="port to listen on (default 9090)")
+    parser.add_argument("--check", action="store_true", help="fetch and load the models, then exit")
+    args = parser.parse_args(argv)
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    logger.info("settings: %s", settings.redacted())
+    try:
+        load(settings)
+    except (ModelFilesError, ModelInterfaceError, FileNotFoundError) as error:
+        logger.error("cannot start: %s", error)
+        return 1
+    if args.check:
+        return 0
+    app = create_app(settings)
+    app.run(host=args.host, port=args.port, threaded=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The HTTP routes Label Studio calls, with the request and response shapes of label-studio-ml 2.x.
+
+label-studio-ml's PyPI release (1.0.9) gives us `LabelStudioMLBase`, but its Flask app is not usable as it
+is: it needs Flask 1, refuses `/predict` until `/setup` has been called (after a restart Label Studio sends
+`/predict` first), ignores the label config that each `/predict` carries, and answers every error as a 500.
+This app keeps label-studio-ml 2.x's contract instead: a backend instance per request built from the
+request's own label config, `predict(tasks, context=...)`, `{"results": [...]}`; and it answers bad input
+with a 4xx and a JSON message naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Callable
+
+from flask import Flask, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from segnext_backend.errors import RequestError
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 64 * 1024 * 1024  # a task with drafts carries brush RLEs: allow for large ones
+
+
+def _json_body() -> dict:
+    body = request.get_json(force=True, silent=True)
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
+
+
+def _project_id(body: dict) -> str | None:
+    project = body.get("project")
+    return str(project).split(".", 1)[0] if project is not None else None
+
+
+def init_app(model_class, *, basic_auth: tuple[str, str] | None = None, status: Callable[[], dict]) -> Flask:
+    """The Flask app serving `model_class`.
+
+    `status()` describes the loaded models for /health and /metrics; it raises NotReadyError while there are
+    none. `basic_auth` (user, password) protects every route, as Label Studio's ML backend settings expect.
+    """
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+
+    def make_model(body: dict, label_config_key: str):
+        label_config = body.get(label_config_key)
+        if label_config is not None and not isinstance(label_config, str):
+            raise RequestError(f"{label_config_key} must be a string of XML")
+        try:
+            return model_class(project_id=_project_id(body), label_config=label_config)
+        except Exception as error:  # label_studio_tools raises its own XML syntax error
+            raise RequestError(f"the label config could not be parsed: {error}") from None
+
+    if basic_auth:
+        user, password = basic_auth
+
+        @app.before_request
+        def require_basic_auth():
+            given = request.authorization
+            if (
+                given is None
+                or not hmac.compare_digest((given.username or "").encode(), user.encode())
+                or not hmac.compare_digest((given.password or "").encode(), password.encode())
+            ):
+                response = jsonify(error="authentication required (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
+                response.status_code = 401
+                response.headers["WWW-Authenticate"] = 'Basic realm="segnext-backend"'
+                return response
+            return None
+
+    @app.post("/predict")
+    def predict():
+        body = _json_body()
+        tasks = body.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise RequestError("the request has no tasks")
+        params = body.get("params") or {}
+        if not isinstance(params, dict):
+            raise RequestError("params must be an object")
+        context = params.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise RequestError("params.context must be an object or null")
+        model = make_model(body, "label_config")
+        results = model.predict(tasks, context=context)
+        return jsonify(results=results, model_version=model.model_version)
+
+    @app.post("/setup")
+    def setup():
+        body = _json_body()
+        model = make_model(body, "schema")
+        return jsonify(model_version=model.model_version)
+
+    @app.post("/webhook")
+    def webhook():
+        # Nothing to train: SegNext is used as it is. Acknowledge so that Label Studio does not retry.
+        body = _json_body()
+        return jsonify(status="ok", action=body.get("action")), 200
+
+    @app.get("/health")
+    @app.get("/")
+    def health():
+        return jsonify(status="UP", model_class=model_class.__name__, **status())
+
+    @app.get("/metrics")
+    def metrics():
+        return jsonify(status())
+
+    @app.errorhandler(RequestError)
+    def request_error(error: RequestError):
+        logger.info("%s %s -> %d: %s", request.method, request.path, error.http_status, error)
+        return jsonify(error=str(error)), error.http_status
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        return jsonify(error=error.description), error.code
+
+    @app.errorhandler(Exception)
+    def unexpected_error(error: Exception):
+        logger.exception("%s %s failed", request.method, request.path)
+        return jsonify(error=f"internal error: {type(error).__name__}"), 500
+
+    return app

@@ -1,0 +1,310 @@
+"""Label Studio in, Label Studio out: the translation between Label Studio's tasks and the segmenter.
+
+`SegNextBackend.predict` reads a smart-keypoint context (the clicks of the object being drawn), finds the
+image and the BrushLabels control it belongs to in the label config, asks the `segnext_backend` package for
+the object's mask, and answers it as one BrushLabels region. No ONNX, caching or geometry lives here.
+
+The heavy state (ONNX sessions, caches) is built once per process by `load_runtime` and kept at module
+level: label-studio-ml builds a new `SegNextBackend` for every request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from dataclasses import asdict, dataclass
+
+from label_studio_ml.model import LabelStudioMLBase
+
+from segnext_backend.errors import NotReadyError, RequestError
+from segnext_backend.images import ImageFetchConfig, ImageSource
+from segnext_backend.masks import mask_to_rle
+from segnext_backend.segmenter import Click, InteractiveSegmenter
+from segnext_backend.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SEGNEXT_VERSION = "segnext-vitb-sax2-hq44k"
+DEMO_VERSION = "demo-colour-region-NOT-SegNext"
+
+
+@dataclass
+class Runtime:
+    """What every request of the process shares."""
+
+    settings: Settings
+    image_source: ImageSource
+    segmenter: InteractiveSegmenter
+    model_version: str
+
+
+_runtime: Runtime | None = None
+
+
+def build_runtime(settings: Settings, engine) -> Runtime:
+    image_source = ImageSource(
+        ImageFetchConfig(
+            label_studio_url=settings.label_studio_url,
+            label_studio_api_key=settings.label_studio_api_key,
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            connect_timeout=settings.image_connect_timeout,
+            read_timeout=settings.image_read_timeout,
+        )
+    )
+    segmenter = InteractiveSegmenter(
+        engine,
+        # The segmenter's image key is the resolved URL: fetch and decode it.
+        load_image=lambda url: image_source.decode(image_source.fetch(url)),
+        mask_threshold=settings.mask_threshold,
+        feature_cache_bytes=settings.feature_cache_bytes,
+        object_state_cache_bytes=settings.object_state_cache_bytes,
+        max_clicks=settings.max_clicks,
+    )
+    version = DEMO_VERSION if engine.is_test_model else SEGNEXT_VERSION
+    return Runtime(settings=settings, image_source=image_source, segmenter=segmenter, model_version=version)
+
+
+def set_runtime(runtime: Runtime | None) -> None:
+    global _runtime
+    if _runtime is not None and _runtime is not runtime:
+        _runtime.segmenter.shutdown()
+    _runtime = runtime
+
+
+def get_runtime() -> Runtime:
+    if _runtime is None:
+        raise NotReadyError("the models are not loaded yet")
+    return _runtime
+
+
+def runtime_status() -> dict:
+    """For /health and /metrics: which models are loaded, and how the caches are doing."""
+    runtime = get_runtime()
+    segmenter = runtime.segmenter
+    return {
+        "model_version": runtime.model_version,
+        "demo": segmenter.engine.is_test_model,
+        "models": {role: asdict(info) for role, info in segmenter.engine.files.items()},
+        "feature_cache": asdict(segmenter.feature_cache.stats()),
+        "object_state_cache": asdict(segmenter.object_states.stats()),
+    }
+
+
+# -- the label config ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageTarget:
+    """Where a smart keypoint's mask goes: the Image tag, its task data field, and the brush control."""
+
+    to_name: str
+    data_field: str
+    brush_from_name: str
+
+
+def _controls_on(parsed: dict, tag_type: str, to_name: str) -> list[tuple[str, dict]]:
+    return [
+        (name, info)
+        for name, info in parsed.items()
+        if info.get("type") == tag_type and to_name in info.get("to_name", [])
+    ]
+
+
+def _image_field(parsed: dict, to_name: str) -> str | None:
+    for info in parsed.values():
+        for target, source in zip(info.get("to_name", []), info.get("inputs", [])):
+            if target == to_name and source.get("type") == "Image":
+                return source.get("value")
+    return None
+
+
+def require_interactive_config(parsed: dict) -> None:
+    """A clear error for label configs that cannot work with this backend at all."""
+    types = {info.get("type") for info in parsed.values()}
+    inputs = {source.get("type") for info in parsed.values() for source in info.get("inputs", [])}
+    missing = [
+        what
+        for what, present in (
+            ("an <Image> tag", "Image" in inputs),
+            ("a <BrushLabels> control", "BrushLabels" in types),
+            ("a <KeyPointLabels smart=\"true\"> control", "KeyPointLabels" in types),
+        )
+        if not present
+    ]
+    if missing:
+        raise RequestError("the label config needs " + ", ".join(missing) + " (see the README for one to paste)")
+
+
+def image_target(parsed: dict, to_name: str, label: str) -> ImageTarget:
+    data_field = _image_field(parsed, to_name)
+    if data_field is None:
+        raise RequestError(f"the label config has no <Image name=\"{to_name}\"> for the keypoints' toName")
+    brushes = _controls_on(parsed, "BrushLabels", to_name)
+    if not brushes:
+        raise RequestError(f"the label config has no <BrushLabels> control on the image '{to_name}'")
+    for name, info in brushes:
+        if label in info.get("labels", []):
+            return ImageTarget(to_name=to_name, data_field=data_field, brush_from_name=name)
+    names = ", ".join(name for name, _ in brushes)
+    raise RequestError(f"no <BrushLabels> control on '{to_name}' has the label {label!r} (controls: {names})")
+
+
+# -- the context: clicks of the object being drawn ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectClicks:
+    clicks: list[Click]  # in original_width x original_height pixels
+    label: str
+    to_name: str
+    original_width: int
+    original_height: int
+    image_rotation: float
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise RequestError(f"{what} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _size(value, what: str) -> int:
+    size = _number(value, what)
+    if size < 1 or size != int(size):
+        raise RequestError(f"{what} must be a positive whole number, got {value!r}")
+    return int(size)
+
+
+def clicks_from_context(context: dict) -> ObjectClicks:
+    """The smart keypoints of `context.result`, in the order they were made, as clicks in pixels."""
+    results = context.get("result") if isinstance(context, dict) else None
+    if not isinstance(results, list):
+        raise RequestError("context.result must be a list of keypoints")
+    keypoints = [r for r in results if isinstance(r, dict) and r.get("type") == "keypointlabels"]
+    if not keypoints:
+        raise RequestError("context.result holds no keypointlabels: click with a smart KeyPointLabels tool")
+    first = keypoints[0]
+    to_name = first.get("to_name")
+    if not isinstance(to_name, str) or not to_name:
+        raise RequestError("a keypoint has no to_name")
+    width = _size(first.get("original_width"), "original_width")
+    height = _size(first.get("original_height"), "original_height")
+    clicks = []
+    label = None
+    for index, point in enumerate(keypoints):
+        value = point.get("value")
+        if not isinstance(value, dict):
+            raise RequestError(f"keypoint {index} has no value")
+        if point.get("to_name") != to_name:
+            raise RequestError("all keypoints of one object must be on the same image")
+        x = _number(value.get("x"), f"keypoint {index} x")
+        y = _number(value.get("y"), f"keypoint {index} y")
+        if not (0.0 <= x <= 100.0 and 0.0 <= y <= 100.0):
+            raise RequestError(f"keypoint {index} ({x:g}%, {y:g}%) is outside the image")
+        labels = value.get("keypointlabels") or value.get("labels")
+        if not isinstance(labels, list) or not labels or not isinstance(labels[0], str):
+            raise RequestError(f"keypoint {index} has no keypointlabels")
+        label = labels[0]
+        positive = point.get("is_positive", True)
+        clicks.append(Click(x=x / 100.0 * width, y=y / 100.0 * height, positive=positive is not False))
+    rotation = first.get("image_rotation", 0) or 0
+    return ObjectClicks(
+        clicks=clicks,
+        label=label,
+        to_name=to_name,
+        original_width=width,
+        original_height=height,
+        image_rotation=_number(rotation, "image_rotation"),
+    )
+
+
+# -- the backend ----------------------------------------------------------------------------------------------
+
+
+class SegNextBackend(LabelStudioMLBase):
+    """SegNext interactive segmentation: smart keypoints in, one BrushLabels region out."""
+
+    @property
+    def model_version(self) -> str:
+        return _runtime.model_version if _runtime else SEGNEXT_VERSION
+
+    def predict(self, tasks, context=None, **kwargs) -> list[dict]:
+        runtime = get_runtime()
+        if not isinstance(tasks, list) or not tasks:
+            raise RequestError("the request has no tasks")
+        if not all(isinstance(task, dict) for task in tasks):
+            raise RequestError("every task must be an object")
+        require_interactive_config(self.parsed_label_config)
+
+        if not context or not context.get("result"):
+            # A task was opened or predictions were asked for in a batch: nothing to segment without clicks,
+            # but the first click will need the image's features, and the encoder is slow.
+            for task in tasks:
+                self._encode_in_background(runtime, task)
+            return []
+
+        if len(tasks) != 1:
+            raise RequestError(f"an interactive request must carry one task, got {len(tasks)}")
+        task = tasks[0]
+        obj = clicks_from_context(context)
+        target = image_target(self.parsed_label_config, obj.to_name, obj.label)
+        image_key = runtime.image_source.resolve(self._image_ref(task, target.data_field))
+        prediction = runtime.segmenter.predict(image_key, obj.clicks, obj.original_width, obj.original_height)
+        logger.info(
+            "task %s: %d click(s) on %dx%d image, features %s (encoder %.0f ms), %d decoder run(s) %.0f ms, "
+            "mask %.0f ms",
+            task.get("id"),
+            len(obj.clicks),
+            prediction.image_width,
+            prediction.image_height,
+            "cached" if prediction.timings.feature_cache_hit else "computed",
+            prediction.timings.encoder_ms,
+            prediction.timings.decoder_runs,
+            prediction.timings.decoder_ms,
+            prediction.timings.postprocess_ms,
+        )
+        return [self._answer(runtime, obj, target, prediction.object_mask)]
+
+    @staticmethod
+    def _image_ref(task: dict, data_field: str) -> str:
+        data = task.get("data")
+        if not isinstance(data, dict) or data_field not in data:
+            raise RequestError(f"task {task.get('id')} has no data field {data_field!r} for the image")
+        return data[data_field]
+
+    def _encode_in_background(self, runtime: Runtime, task: dict) -> None:
+        for info in self.parsed_label_config.values():
+            for source in info.get("inputs", []):
+                if source.get("type") != "Image":
+                    continue
+                try:
+                    image_key = runtime.image_source.resolve(self._image_ref(task, source.get("value")))
+                except RequestError as error:
+                    logger.info("task %s: not pre-encoding its image: %s", task.get("id"), error)
+                    continue
+                runtime.segmenter.encode_in_background(image_key)
+                return
+
+    def _answer(self, runtime: Runtime, obj: ObjectClicks, target: ImageTarget, object_mask) -> dict:
+        prediction = {"result": [], "score": 0.0, "model_version": runtime.model_version}
+        if object_mask.is_empty:
+            # An empty brush region would be an invisible suggestion the annotator cannot act on.
+            return prediction
+        region = {
+            "id": uuid.uuid4().hex[:10],
+            "from_name": target.brush_from_name,
+            "to_name": target.to_name,
+            "type": "brushlabels",
+            "original_width": obj.original_width,
+            "original_height": obj.original_height,
+            "image_rotation": obj.image_rotation,
+            "value": {"format": "rle", "rle": mask_to_rle(object_mask.mask), "brushlabels": [obj.label]},
+            "score": object_mask.score,
+            "readonly": False,
+        }
+        prediction.update(result=[region], score=object_mask.score)
+        return prediction

@@ -1,0 +1,153 @@
+"""The two ONNX Runtime sessions and their contract.
+
+`encode` and `decode` are pure functions of their inputs, like SAM's image encoder and mask decoder: all
+caching and click bookkeeping lives in `segmenter.py`. The interface is checked when the files are loaded, so
+that a wrong file fails at start with a message naming what differs, not at the first click.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .geometry import MODEL_SIZE
+
+logger = logging.getLogger(__name__)
+
+FEATURE_SHAPE = (1, 768, 64, 64)
+TEST_MODEL_METADATA_KEY = "segnext_backend.test_model"
+
+# name -> shape; a str is a dynamic dimension (any name, or none, is accepted there).
+ENCODER_INPUTS = {"image": (1, 3, MODEL_SIZE, MODEL_SIZE)}
+ENCODER_OUTPUTS = {"image_feats": FEATURE_SHAPE}
+DECODER_INPUTS = {
+    "image_feats": FEATURE_SHAPE,
+    "point_coords": (1, "num_points", 2),
+    "point_labels": (1, "num_points"),
+    "prev_mask": (1, 1, MODEL_SIZE, MODEL_SIZE),
+}
+DECODER_OUTPUTS = {"mask": (1, 1, MODEL_SIZE, MODEL_SIZE)}
+
+
+class ModelInterfaceError(RuntimeError):
+    """An ONNX file does not have SegNext's interface; the message names every difference."""
+
+
+def _shape_matches(actual, expected) -> bool:
+    if len(actual) != len(expected):
+        return False
+    # A dynamic dimension (a str here) accepts any declared value; a fixed one must be declared as itself.
+    return all(isinstance(want, str) or got == want for got, want in zip(actual, expected))
+
+
+def check_interface(session: ort.InferenceSession, name: str, inputs: dict, outputs: dict) -> None:
+    problems = []
+    for kind, declared, expected in (
+        ("input", session.get_inputs(), inputs),
+        ("output", session.get_outputs(), outputs),
+    ):
+        by_name = {arg.name: arg for arg in declared}
+        for arg_name, shape in expected.items():
+            arg = by_name.get(arg_name)
+            if arg is None:
+                problems.append(f"missing {kind} '{arg_name}' (it has {sorted(by_name)})")
+                continue
+            if arg.type != "tensor(float)":
+                problems.append(f"{kind} '{arg_name}' is {arg.type}, expected tensor(float)")
+            if not _shape_matches(list(arg.shape), shape):
+                problems.append(f"{kind} '{arg_name}' has shape {list(arg.shape)}, expected {list(shape)}")
+        extra = sorted(set(by_name) - set(expected))
+        if extra and kind == "input":
+            problems.append(f"unexpected {kind}s {extra}")
+    if problems:
+        raise ModelInterfaceError(f"{name} does not have SegNext's interface: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ModelFileInfo:
+    path: str
+    size_bytes: int
+    is_test_model: bool
+
+
+def _session_options(intra_op_threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    # 0 lets ONNX Runtime use one thread per physical core, its own default.
+    options.intra_op_num_threads = intra_op_threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+def _load(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as error:  # onnxruntime raises its own exception types for corrupt files
+        raise ModelInterfaceError(f"{path} could not be loaded by ONNX Runtime: {error}") from None
+
+
+class SegNextEngine:
+    def __init__(
+        self,
+        encoder_path: Path,
+        decoder_path: Path,
+        *,
+        intra_op_threads: int = 0,
+        max_concurrent_decodes: int = 1,
+        providers: list[str] | None = None,
+    ):
+        providers = providers or ["CPUExecutionProvider"]
+        options = _session_options(intra_op_threads)
+        self.encoder = _load(Path(encoder_path), options, providers)
+        check_interface(self.encoder, str(encoder_path), ENCODER_INPUTS, ENCODER_OUTPUTS)
+        self.decoder = _load(Path(decoder_path), options, providers)
+        check_interface(self.decoder, str(decoder_path), DECODER_INPUTS, DECODER_OUTPUTS)
+        self.files = {
+            role: ModelFileInfo(
+                path=str(path),
+                size_bytes=Path(path).stat().st_size,
+                is_test_model=session.get_modelmeta().custom_metadata_map.get(TEST_MODEL_METADATA_KEY) == "true",
+            )
+            for role, path, session in (("encoder", encoder_path, self.encoder), ("decoder", decoder_path, self.decoder))
+        }
+        # Each SegNext run holds about a gigabyte of attention maps: these bound how many go at once.
+        # One encode at a time keeps a burst of newly opened tasks from starving the clicks of memory.
+        self._encode_slots = threading.Semaphore(1)
+        self._decode_slots = threading.Semaphore(max_concurrent_decodes)
+
+    @property
+    def is_test_model(self) -> bool:
+        return any(info.is_test_model for info in self.files.values())
+
+    def encode(self, model_input: np.ndarray) -> np.ndarray:
+        """1x3x1024x1024 float32 RGB in [0, 1] -> 1x768x64x64 image features."""
+        if model_input.shape != ENCODER_INPUTS["image"] or model_input.dtype != np.float32:
+            raise ValueError(f"encoder input must be float32 {ENCODER_INPUTS['image']}, got {model_input.dtype} {model_input.shape}")
+        with self._encode_slots:
+            (features,) = self.encoder.run(["image_feats"], {"image": model_input})
+        return features
+
+    def decode(
+        self, features: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray, prev_mask: np.ndarray
+    ) -> np.ndarray:
+        """Features, Nx2 clicks (x, y in the model frame), N labels (1/0), 1024x1024 prev probability -> logits.
+
+        Returns the 1024x1024 float32 logits.
+        """
+        coords = np.asarray(point_coords, dtype=np.float32).reshape(1, -1, 2)
+        labels = np.asarray(point_labels, dtype=np.float32).reshape(1, -1)
+        prev = np.asarray(prev_mask, dtype=np.float32).reshape(1, 1, MODEL_SIZE, MODEL_SIZE)
+        if coords.shape[1] != labels.shape[1] or coords.shape[1] == 0:
+            raise ValueError(f"need as many labels as clicks, and at least one: {coords.shape} vs {labels.shape}")
+        with self._decode_slots:
+            (logits,) = self.decoder.run(
+                ["mask"],
+                {"image_feats": features, "point_coords": coords, "point_labels": labels, "prev_mask": prev},
+            )
+        return logits[0, 0]

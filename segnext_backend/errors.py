@@ -1,0 +1,27 @@
+"""Errors that a request can cause, each with the HTTP status it should be answered with.
+
+The package knows nothing of HTTP servers; the status is just a number that the web layer reads, so that a
+bad click and a broken image URL end as a clear 4xx with a message, never as a 500.
+"""
+
+
+class RequestError(Exception):
+    """Something about the request is wrong; `str(error)` says what, in words fit for the user."""
+
+    http_status = 400
+
+
+class ImageUnavailableError(RequestError):
+    """The task's image could not be fetched or decoded."""
+
+    http_status = 422
+
+
+class ImageTooLargeError(RequestError):
+    http_status = 413
+
+
+class NotReadyError(RequestError):
+    """The models are not loaded (yet, or because loading failed)."""
+
+    http_status = 503

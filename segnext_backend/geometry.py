@@ -1,0 +1,110 @@
+"""Every mapping between an image's own frame and SegNext's 1024x1024 model frame, and nothing else.
+
+Upstream SegNext stretches the whole image to 1024x1024 (no padding, aspect ratio not kept), so x and y
+scale independently:
+- image -> model input: bilinear with half-pixel centres and no antialiasing, the same as torch's
+  `F.interpolate(mode="bilinear", align_corners=False)` (Pillow's BILINEAR antialiases when shrinking and
+  would feed the encoder a different image);
+- click (x, y) in original pixels -> (round(x * 1024 / W), round(y * 1024 / H)) in the model frame;
+- logits 1024x1024 -> the original size: bilinear with `align_corners=True`, as upstream's predictor does.
+
+The resize is our own separable numpy implementation: it touches only the two source rows and columns each
+output pixel needs, so shrinking a 24 MP photo never converts the whole photo to float. Its tests compare it
+with torch and with an independent reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+MODEL_SIZE = 1024
+
+
+def _source_taps(in_size: int, out_size: int, align_corners: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each output index: the two source indices to blend and the weight of the second one."""
+    out_index = np.arange(out_size, dtype=np.float64)
+    if align_corners:
+        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        source = out_index * scale
+    else:
+        # Half-pixel centres; torch clamps negative source positions to 0 (and so does OpenCV).
+        source = np.maximum((out_index + 0.5) * (in_size / out_size) - 0.5, 0.0)
+    first = np.minimum(np.floor(source).astype(np.intp), in_size - 1)
+    second = np.minimum(first + 1, in_size - 1)
+    weight = (source - first).astype(np.float32)
+    return first, second, weight
+
+
+def _resize_axis(array: np.ndarray, out_size: int, axis: int, align_corners: bool) -> np.ndarray:
+    first, second, weight = _source_taps(array.shape[axis], out_size, align_corners)
+    a = np.take(array, first, axis=axis).astype(np.float32, copy=False)
+    b = np.take(array, second, axis=axis).astype(np.float32, copy=False)
+    shape = [1] * array.ndim
+    shape[axis] = out_size
+    weight = weight.reshape(shape)
+    # a + w * (b - a): one multiply, and exact where w is 0.
+    b -= a
+    b *= weight
+    a += b
+    return a
+
+
+def bilinear_resize(array: np.ndarray, out_height: int, out_width: int, *, align_corners: bool) -> np.ndarray:
+    """Bilinear resize of an HxW or HxWxC array (any real dtype) to float32, without antialiasing.
+
+    Rows and columns are resized one after the other; the axis that shrinks most goes first, so that the
+    second pass works on the smaller intermediate.
+    """
+    height, width = array.shape[:2]
+    rows_first = out_height / height <= out_width / width
+    if rows_first:
+        return _resize_axis(_resize_axis(array, out_height, 0, align_corners), out_width, 1, align_corners)
+    return _resize_axis(_resize_axis(array, out_width, 1, align_corners), out_height, 0, align_corners)
+
+
+def to_model_input(rgb: np.ndarray) -> np.ndarray:
+    """An HxWx3 uint8 RGB image -> the encoder's 1x3x1024x1024 float32 input, RGB in [0, 1]."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 RGB image, got shape {rgb.shape}")
+    # Resizing is linear, so dividing by 255 after the resize gives what upstream gets by dividing first.
+    resized = bilinear_resize(rgb, MODEL_SIZE, MODEL_SIZE, align_corners=False)
+    resized *= np.float32(1.0 / 255.0)
+    return np.ascontiguousarray(resized.transpose(2, 0, 1))[None]
+
+
+@dataclass(frozen=True)
+class ModelFrame:
+    """The mapping between one image frame (width x height pixels) and the 1024x1024 model frame.
+
+    The frame is the one the clicks and the answered mask live in: Label Studio's `original_width` x
+    `original_height`. Because the model sees a stretched image, this mapping holds whatever the size of the
+    pixels that were actually encoded.
+    """
+
+    width: int
+    height: int
+
+    def __post_init__(self):
+        if self.width < 1 or self.height < 1:
+            raise ValueError(f"frame size must be positive, got {self.width}x{self.height}")
+
+    def clicks_to_model_frame(self, points: np.ndarray) -> np.ndarray:
+        """Nx2 (x, y) in frame pixels -> Nx2 float32 whole pixels in the model frame.
+
+        A click on the far edge (x == width) would land on 1024, one past the last model pixel: it is kept
+        on the last pixel instead.
+        """
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        scale = np.array([MODEL_SIZE / self.width, MODEL_SIZE / self.height])
+        model_points = np.rint(points * scale)
+        return np.clip(model_points, 0, MODEL_SIZE - 1).astype(np.float32)
+
+    def logits_to_frame(self, logits: np.ndarray) -> np.ndarray:
+        """1024x1024 logits -> height x width logits (float32)."""
+        if logits.shape != (MODEL_SIZE, MODEL_SIZE):
+            raise ValueError(f"expected 1024x1024 logits, got {logits.shape}")
+        if (self.height, self.width) == logits.shape:
+            return logits.astype(np.float32, copy=False)
+        return bilinear_resize(logits, self.height, self.width, align_corners=True)

@@ -1,0 +1,175 @@
+"""Interactive segmentation over many images and objects at once: what one click costs, and why.
+
+- An image is encoded once: its features are kept in `feature_cache`, keyed by the image's URL, with the
+  size of the pixels that were encoded.
+- An object is the sequence of its clicks on one image. After each click the decoder's logits for that
+  click sequence are kept in `object_states`; the next click feeds back their sigmoid as `prev_mask`, so the
+  k-th click costs one decoder run. When the state of the prefix is missing (a restart, an eviction, a click
+  undone and a new one made), it is rebuilt by replaying the prefix click by click, which gives exactly
+  what the clicks would have given one at a time.
+- Clicks are keyed in the model frame (whole pixels of the 1024 frame), which is what the decoder sees.
+
+This is the package's front door; it knows nothing of Label Studio or HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .caches import LruCache
+from .engine import SegNextEngine
+from .errors import RequestError
+from .geometry import MODEL_SIZE, ModelFrame, to_model_input
+from .masks import ObjectMask, logits_to_mask, sigmoid
+
+logger = logging.getLogger(__name__)
+
+ClickKey = tuple[tuple[int, int, int], ...]  # ((x, y, label), ...) in the model frame, label 1 or 0
+
+
+@dataclass(frozen=True)
+class Click:
+    """One click in the frame's pixels (x right, y down), positive or negative."""
+
+    x: float
+    y: float
+    positive: bool = True
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    key: str
+    features: np.ndarray
+    width: int  # of the pixels that were encoded, after EXIF orientation
+    height: int
+
+
+@dataclass
+class PredictionTimings:
+    """What one prediction cost: for the request log and the benchmarks."""
+
+    feature_cache_hit: bool = True
+    encoder_ms: float = 0.0
+    decoder_runs: int = 0
+    decoder_ms: float = 0.0
+    postprocess_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    object_mask: ObjectMask
+    image_width: int
+    image_height: int
+    timings: PredictionTimings = field(compare=False)
+
+
+class InteractiveSegmenter:
+    def __init__(
+        self,
+        engine: SegNextEngine,
+        load_image: Callable[[str], np.ndarray],
+        *,
+        mask_threshold: float = 0.49,
+        feature_cache_bytes: int = 1024 * 1024 * 1024,
+        object_state_cache_bytes: int = 512 * 1024 * 1024,
+        max_clicks: int = 100,
+    ):
+        """`load_image(image_key)` returns the image's HxWx3 uint8 RGB pixels (fetching is its business)."""
+        self.engine = engine
+        self.load_image = load_image
+        self.mask_threshold = mask_threshold
+        self.max_clicks = max_clicks
+        self.feature_cache: LruCache[str, EncodedImage] = LruCache(feature_cache_bytes, lambda e: e.features.nbytes)
+        self.object_states: LruCache[tuple[str, ClickKey], np.ndarray] = LruCache(
+            object_state_cache_bytes, lambda logits: logits.nbytes
+        )
+        # One background encoder at a time: the encoder is the heaviest thing the process runs.
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pre-encode")
+
+    # -- images -------------------------------------------------------------------------------------------
+
+    def encoded_image(self, image_key: str, timings: PredictionTimings | None = None) -> EncodedImage:
+        """The image's features, encoding it if no request has yet (and waiting if one is encoding it now)."""
+
+        def encode() -> EncodedImage:
+            rgb = self.load_image(image_key)
+            started = time.perf_counter()
+            features = self.engine.encode(to_model_input(rgb))
+            if timings is not None:
+                timings.feature_cache_hit = False
+                timings.encoder_ms = (time.perf_counter() - started) * 1000
+            return EncodedImage(key=image_key, features=features, width=rgb.shape[1], height=rgb.shape[0])
+
+        return self.feature_cache.get_or_compute(image_key, encode)
+
+    def encode_in_background(self, image_key: str) -> Future:
+        """Start encoding an image (a task was opened) so that its first click finds the features ready."""
+
+        def run():
+            try:
+                self.encoded_image(image_key)
+            except Exception as error:  # the click that follows will report it to the user
+                logger.warning("background encode of %s failed: %s", image_key, error)
+
+        return self._background.submit(run)
+
+    # -- objects ------------------------------------------------------------------------------------------
+
+    def _click_key(self, clicks: Sequence[Click], frame: ModelFrame) -> ClickKey:
+        if not clicks:
+            raise RequestError("at least one click is needed")
+        if len(clicks) > self.max_clicks:
+            raise RequestError(f"{len(clicks)} clicks in one object, over the limit of {self.max_clicks} (MAX_CLICKS)")
+        points = np.array([(c.x, c.y) for c in clicks], dtype=np.float64)
+        if not np.isfinite(points).all():
+            raise RequestError("click coordinates must be finite numbers")
+        outside = (points[:, 0] < 0) | (points[:, 0] > frame.width) | (points[:, 1] < 0) | (points[:, 1] > frame.height)
+        if outside.any():
+            x, y = points[np.argmax(outside)]
+            raise RequestError(f"click ({x:g}, {y:g}) is outside the {frame.width}x{frame.height} image")
+        model_points = frame.clicks_to_model_frame(points).astype(int)
+        return tuple((int(x), int(y), int(c.positive)) for (x, y), c in zip(model_points, clicks))
+
+    def _object_logits(self, image: EncodedImage, clicks: ClickKey, timings: PredictionTimings) -> np.ndarray:
+        """Logits after this click sequence: one decoder run when the prefix's state is known."""
+
+        def decode() -> np.ndarray:
+            if len(clicks) == 1:
+                prev_mask = np.zeros((MODEL_SIZE, MODEL_SIZE), dtype=np.float32)
+            else:
+                # SegNext is trained with the previous prediction's probability, not its logits or its mask.
+                prev_mask = sigmoid(self._object_logits(image, clicks[:-1], timings))
+            coords = np.array([(x, y) for x, y, _ in clicks], dtype=np.float32)
+            labels = np.array([label for _, _, label in clicks], dtype=np.float32)
+            started = time.perf_counter()
+            logits = self.engine.decode(image.features, coords, labels, prev_mask)
+            timings.decoder_runs += 1
+            timings.decoder_ms += (time.perf_counter() - started) * 1000
+            return logits
+
+        return self.object_states.get_or_compute((image.key, clicks), decode)
+
+    def predict(self, image_key: str, clicks: Sequence[Click], frame_width: int, frame_height: int) -> Prediction:
+        """The object's mask after these clicks, in the frame_width x frame_height frame the clicks are in.
+
+        The frame may differ from the image's own pixel size (Label Studio may report another size than the
+        file has): clicks and mask are then scaled with the frame, since the model sees a stretched image.
+        """
+        frame = ModelFrame(frame_width, frame_height)
+        click_key = self._click_key(clicks, frame)
+        timings = PredictionTimings()
+        image = self.encoded_image(image_key, timings)
+        logits = self._object_logits(image, click_key, timings)
+        started = time.perf_counter()
+        object_mask = logits_to_mask(logits, frame, self.mask_threshold)
+        timings.postprocess_ms = (time.perf_counter() - started) * 1000
+        return Prediction(object_mask=object_mask, image_width=image.width, image_height=image.height, timings=timings)
+
+    def shutdown(self) -> None:
+        self._background.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,126 @@
+"""Every setting of the backend, read from the environment once.
+
+`Settings.from_env()` is the only place in the project that reads `os.environ`; everything else receives the
+values it needs. Each field's comment is what the README's settings table says about it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping
+
+DEFAULT_MODEL_URL = (
+    "https://github.com/darktable-org/darktable-ai/releases/download/release-5.6.0/"
+    "mask-object-segnext-b2hq.dtmodel"
+)
+DEFAULT_MODEL_SHA256 = "87936f12f815e05c6f601be5e46d69ce2e52c788ae2c26ec7e3db39d33780857"
+
+MIB = 1024 * 1024
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Label Studio that the tasks come from: its URL resolves relative image paths (/data/upload/...),
+    # and the API key is sent to that host only.
+    label_studio_url: str = ""
+    label_studio_api_key: str = ""
+    # Basic auth for this backend's own routes (both empty: no auth).
+    basic_auth_user: str = ""
+    basic_auth_pass: str = ""
+    log_level: str = "INFO"
+    # Where encoder.onnx and decoder.onnx live, and where to fetch them from when they are missing.
+    model_dir: Path = Path("models")
+    model_url: str = DEFAULT_MODEL_URL
+    model_sha256: str = DEFAULT_MODEL_SHA256
+    # Serve the project's colour-region test models instead of SegNext (for trying the backend out).
+    demo: bool = False
+    # A pixel is in the mask where the predicted probability is at least this.
+    mask_threshold: float = 0.49
+    # Bytes of image features kept in memory (12.6 MB per image for SegNext), least recently used out first.
+    feature_cache_bytes: int = 1024 * MIB
+    # Bytes of per-object click state (4 MB per click sequence), least recently used out first.
+    object_state_cache_bytes: int = 512 * MIB
+    # Images over this many pixels are refused before they are decoded.
+    max_image_pixels: int = 100_000_000
+    # Downloads over this many bytes are refused.
+    max_image_bytes: int = 100 * MIB
+    image_connect_timeout: float = 5.0
+    image_read_timeout: float = 30.0
+    # More clicks than this in one request are refused.
+    max_clicks: int = 100
+    # ONNX Runtime threads for one model run; 0 means one per physical core.
+    intra_op_threads: int = 0
+    # How many decoder runs may go at once; the rest wait their turn (each holds ~1 GB on SegNext).
+    max_concurrent_decodes: int = 1
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        defaults = cls()
+
+        def text(name: str, default: str) -> str:
+            return env.get(name, default).strip()
+
+        def number(name: str, default, kind, minimum):
+            raw = env.get(name)
+            if raw is None or raw.strip() == "":
+                return default
+            try:
+                value = kind(raw.strip())
+            except ValueError:
+                raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
+            if value < minimum:
+                raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
+            return value
+
+        def flag(name: str, default: bool) -> bool:
+            raw = env.get(name)
+            if raw is None or raw.strip() == "":
+                return default
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise SettingsError(f"{name}={raw!r} is not a boolean (use true or false)")
+
+        threshold = number("MASK_THRESHOLD", defaults.mask_threshold, float, 0.0)
+        if not 0.0 < threshold < 1.0:
+            raise SettingsError(f"MASK_THRESHOLD={threshold} must be between 0 and 1")
+        return cls(
+            label_studio_url=text("LABEL_STUDIO_URL", "").rstrip("/"),
+            label_studio_api_key=text("LABEL_STUDIO_API_KEY", ""),
+            basic_auth_user=text("BASIC_AUTH_USER", ""),
+            basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
+            log_level=text("LOG_LEVEL", defaults.log_level).upper(),
+            model_dir=Path(text("MODEL_DIR", str(defaults.model_dir))),
+            model_url=text("MODEL_URL", defaults.model_url),
+            model_sha256=text("MODEL_SHA256", defaults.model_sha256).lower(),
+            demo=flag("DEMO", defaults.demo),
+            mask_threshold=threshold,
+            feature_cache_bytes=number("FEATURE_CACHE_BYTES", defaults.feature_cache_bytes, int, 0),
+            object_state_cache_bytes=number(
+                "OBJECT_STATE_CACHE_BYTES", defaults.object_state_cache_bytes, int, 0
+            ),
+            max_image_pixels=number("MAX_IMAGE_PIXELS", defaults.max_image_pixels, int, 1),
+            max_image_bytes=number("MAX_IMAGE_BYTES", defaults.max_image_bytes, int, 1),
+            image_connect_timeout=number("IMAGE_CONNECT_TIMEOUT", defaults.image_connect_timeout, float, 0.1),
+            image_read_timeout=number("IMAGE_READ_TIMEOUT", defaults.image_read_timeout, float, 0.1),
+            max_clicks=number("MAX_CLICKS", defaults.max_clicks, int, 1),
+            intra_op_threads=number("ORT_INTRA_OP_THREADS", defaults.intra_op_threads, int, 0),
+            max_concurrent_decodes=number("MAX_CONCURRENT_DECODES", defaults.max_concurrent_decodes, int, 1),
+        )
+
+    def redacted(self) -> dict:
+        """The settings as a dict fit for a log line: secrets are replaced by whether they are set."""
+        secret = {"label_studio_api_key", "basic_auth_pass"}
+        return {
+            f.name: ("<set>" if getattr(self, f.name) else "<empty>") if f.name in secret else str(getattr(self, f.name))
+            for f in fields(self)
+        }

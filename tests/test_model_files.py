@@ -1,0 +1,303 @@
+"""Tests for segnext_backend.model_files against a local HTTP server.
+
+Nothing here touches the internet: each test builds a small zip shaped like
+the real ``mask-object-segnext-b2hq.dtmodel`` (fake bytes instead of ONNX
+graphs) and serves it from a ThreadingHTTPServer on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import socket
+import threading
+import time
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from segnext_backend.model_files import (
+    MODEL_FILE_NAMES,
+    ModelFilesError,
+    ensure_model_files,
+    file_sha256,
+    missing_model_files,
+)
+
+ENCODER_BYTES = b"fake encoder weights " * 1000
+DECODER_BYTES = b"fake decoder weights " * 500
+PREFIX = "mask-object-segnext-b2hq/"
+MANUAL_HINT = "place encoder.onnx and decoder.onnx in"
+
+
+def make_zip(members: dict[str, bytes]) -> bytes:
+    """A zip archive holding ``members`` (name -> content), as bytes.
+
+    writestr keeps names exactly as given, so '../x' stays '../x' and the
+    traversal tests really exercise hostile member names.
+    """
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(f"{PREFIX}config.json", b"{}")
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+GOOD_ZIP = make_zip({f"{PREFIX}encoder.onnx": ENCODER_BYTES, f"{PREFIX}decoder.onnx": DECODER_BYTES})
+GOOD_SHA256 = hashlib.sha256(GOOD_ZIP).hexdigest()
+
+
+class FileServer:
+    """Serves ``files`` (URL path -> bytes) and counts every request it gets.
+
+    Unknown paths get 404; the path ``/slow`` answers with headers, then
+    stalls, to trigger a read timeout.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.request_count = 0
+        served = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                served.request_count += 1
+                if self.path == "/slow":
+                    self._stall()
+                    return
+                body = served.files.get(self.path)
+                if body is None:
+                    self.send_error(404, "File not found")
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _stall(self) -> None:
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100")
+                    self.end_headers()
+                    time.sleep(1.0)
+                except OSError:
+                    pass  # the client gave up first, which is the point
+
+            def log_message(self, *args) -> None:
+                pass  # keep test output quiet
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(
+            # A short poll interval makes shutdown() return quickly.
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        )
+        self._thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}{path}"
+
+    def serve(self, path: str, body: bytes) -> str:
+        """Publish ``body`` at ``path`` and return its full URL."""
+        self.files[path] = body
+        return self.url(path)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+@pytest.fixture
+def server():
+    file_server = FileServer()
+    yield file_server
+    file_server.close()
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    # A subdirectory, so tests can check that nothing escapes into tmp_path.
+    return tmp_path / "models"
+
+
+def dir_listing(path: Path) -> list[str]:
+    """Every entry under ``path`` (hidden temp files included), sorted."""
+    return sorted(p.name for p in path.iterdir()) if path.exists() else []
+
+
+def test_download_installs_both_files_and_leaves_nothing_else(server, model_dir):
+    url = server.serve("/model.dtmodel", GOOD_ZIP)
+
+    # progress=True exercises the tqdm path (Content-Length is sent).
+    ensure_model_files(model_dir, url, GOOD_SHA256, timeout=5, progress=True)
+
+    assert (model_dir / "encoder.onnx").read_bytes() == ENCODER_BYTES
+    assert (model_dir / "decoder.onnx").read_bytes() == DECODER_BYTES
+    # No zip, no .partial files, no config.json.
+    assert dir_listing(model_dir) == ["decoder.onnx", "encoder.onnx"]
+    assert missing_model_files(model_dir) == []
+
+
+def test_download_without_digest_check(server, model_dir):
+    url = server.serve("/model.dtmodel", GOOD_ZIP)
+
+    ensure_model_files(model_dir, url, None, timeout=5, progress=False)
+
+    assert dir_listing(model_dir) == ["decoder.onnx", "encoder.onnx"]
+
+
+def test_wrong_digest_is_rejected_and_nothing_is_installed(server, model_dir):
+    url = server.serve("/model.dtmodel", GOOD_ZIP)
+    expected = "0" * 64
+
+    with pytest.raises(ModelFilesError) as error:
+        ensure_model_files(model_dir, url, expected, timeout=5, progress=False)
+
+    message = str(error.value)
+    assert expected in message
+    assert GOOD_SHA256 in message
+    assert dir_listing(model_dir) == []
+
+
+def test_http_404_explains_manual_install(server, model_dir):
+    url = server.url("/no-such-file.dtmodel")
+
+    with pytest.raises(ModelFilesError) as error:
+        ensure_model_files(model_dir, url, GOOD_SHA256, timeout=5, progress=False)
+
+    message = str(error.value)
+    assert "Could not fetch" in message
+    assert url in message
+    assert f"{MANUAL_HINT} {model_dir}" in message
+    assert dir_listing(model_dir) == []
+
+
+def test_unreachable_server_fails_fast_with_manual_install_hint(model_dir):
+    # Bind a port, then free it: nothing is listening there afterwards.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/model.dtmodel"
+
+    started = time.monotonic()
+    with pytest.raises(ModelFilesError) as error:
+        ensure_model_files(model_dir, url, GOOD_SHA256, timeout=2, progress=False)
+
+    assert time.monotonic() - started < 2
+    assert MANUAL_HINT in str(error.value)
+    assert dir_listing(model_dir) == []
+
+
+def test_stalled_server_times_out(server, model_dir):
+    started = time.monotonic()
+    with pytest.raises(ModelFilesError) as error:
+        ensure_model_files(model_dir, server.url("/slow"), None, timeout=0.2, progress=False)
+
+    assert time.monotonic() - started < 1
+    assert MANUAL_HINT in str(error.value)
+    assert dir_listing(model_dir) == []
+
+
+def test_archive_without_decoder_is_rejected(server, model_dir):
+    url = server.serve("/model.dtmodel", make_zip({f"{PREFIX}encoder.onnx": ENCODER_BYTES}))
+
+    with pytest.raises(ModelFilesError, match="decoder.onnx"):
+        ensure_model_files(model_dir, url, None, timeout=5, progress=False)
+
+    # The encoder is not installed on its own either.
+    assert dir_listing(model_dir) == []
+
+
+def test_not_a_zip_is_rejected(server, model_dir):
+    url = server.serve("/model.dtmodel", b"<html>Please log in</html>")
+
+    with pytest.raises(ModelFilesError, match="not a valid zip"):
+        ensure_model_files(model_dir, url, None, timeout=5, progress=False)
+
+    assert dir_listing(model_dir) == []
+
+
+@pytest.mark.parametrize(
+    "hostile_name",
+    ["../encoder.onnx", f"{PREFIX}../../encoder.onnx", "/tmp/encoder.onnx"],
+)
+def test_member_path_escaping_the_archive_is_refused(server, model_dir, tmp_path, hostile_name):
+    url = server.serve(
+        "/model.dtmodel",
+        make_zip({hostile_name: b"evil", f"{PREFIX}decoder.onnx": DECODER_BYTES}),
+    )
+
+    with pytest.raises(ModelFilesError, match="Refusing to extract"):
+        ensure_model_files(model_dir, url, None, timeout=5, progress=False)
+
+    assert dir_listing(model_dir) == []
+    assert dir_listing(tmp_path) == ["models"]
+
+
+def test_unrelated_hostile_member_is_never_extracted(server, model_dir, tmp_path):
+    url = server.serve(
+        "/model.dtmodel",
+        make_zip(
+            {
+                "../evil.txt": b"evil",
+                f"{PREFIX}encoder.onnx": ENCODER_BYTES,
+                f"{PREFIX}decoder.onnx": DECODER_BYTES,
+            }
+        ),
+    )
+
+    ensure_model_files(model_dir, url, None, timeout=5, progress=False)
+
+    assert dir_listing(model_dir) == ["decoder.onnx", "encoder.onnx"]
+    assert dir_listing(tmp_path) == ["models"]
+
+
+def test_existing_files_mean_no_request(server, model_dir):
+    model_dir.mkdir()
+    for name in MODEL_FILE_NAMES:
+        (model_dir / name).write_bytes(b"already here")
+    url = server.serve("/model.dtmodel", GOOD_ZIP)
+
+    ensure_model_files(model_dir, url, GOOD_SHA256, timeout=5, progress=False)
+
+    assert server.request_count == 0
+    assert (model_dir / "encoder.onnx").read_bytes() == b"already here"
+
+
+def test_one_missing_file_triggers_download_of_the_pair(server, model_dir):
+    model_dir.mkdir()
+    (model_dir / "encoder.onnx").write_bytes(b"stale")
+    url = server.serve("/model.dtmodel", GOOD_ZIP)
+
+    assert missing_model_files(model_dir) == ["decoder.onnx"]
+    ensure_model_files(model_dir, url, GOOD_SHA256, timeout=5, progress=False)
+
+    assert server.request_count == 1
+    # Both come from the same archive, so the pair always matches.
+    assert (model_dir / "encoder.onnx").read_bytes() == ENCODER_BYTES
+    assert (model_dir / "decoder.onnx").read_bytes() == DECODER_BYTES
+
+
+def test_empty_url_disables_download_and_says_where_files_go(model_dir):
+    with pytest.raises(ModelFilesError) as error:
+        ensure_model_files(model_dir, "", GOOD_SHA256, progress=False)
+
+    assert f"{MANUAL_HINT} {model_dir}" in str(error.value)
+    assert not model_dir.exists()
+
+
+def test_missing_model_files_on_absent_directory(model_dir):
+    assert missing_model_files(model_dir) == list(MODEL_FILE_NAMES)
+
+
+def test_file_sha256_matches_hashlib(tmp_path):
+    # A little over 2 MiB, so more than one 1 MiB chunk is read.
+    content = bytes(range(256)) * (9 * 1024)
+    path = tmp_path / "blob.bin"
+    path.write_bytes(content)
+
+    assert file_sha256(path) == hashlib.sha256(content).hexdigest()
