@@ -1,6 +1,6 @@
 """Random-weight SegNext benchmark models: architecture size, ONNX interface and ONNX-vs-PyTorch numerics.
 
-Needs the tools venv (torch, onnx, onnxruntime); the main test venv has no torch and skips this module.
+Needs torch (requirements-test.txt has the CPU build); without it this module is skipped.
 """
 
 import sys
