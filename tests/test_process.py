@@ -1,0 +1,138 @@
+"""The real process: `python _wsgi.py` started as users start it, talked to over a socket."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+import requests
+from conftest import ROOT, click_on, decode_region, encode_png, iou, make_scene, predict_body
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def backend_env(tmp_path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("DEMO", "MODEL_DIR", "MODEL_URL", "MODEL_SHA256")}
+    env.update(MODEL_DIR=str(tmp_path / "models"), LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_wsgi(env, *args, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "_wsgi.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def started_backend(tmp_path):
+    processes = []
+
+    def start(**env_extra) -> str:
+        """Start the backend and return its URL once it listens."""
+        port = free_port()
+        log = tmp_path / f"backend-{port}.log"
+        process = subprocess.Popen(
+            [sys.executable, "_wsgi.py", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=backend_env(tmp_path, **env_extra),
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            try:
+                requests.get(url + "/health", timeout=2)
+                return url
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise AssertionError("the backend did not listen within 60 s: " + log.read_text())
+
+    yield start
+    for process in processes:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def test_started_backend_answers_a_click_without_setup(started_backend, image_server):
+    url = started_backend(DEMO="true", LABEL_STUDIO_URL=image_server.url, LABEL_STUDIO_API_KEY="k")
+    health = requests.get(url + "/health", timeout=5).json()
+    assert health["status"] == "UP" and health["demo"] is True
+    scene = make_scene(900, 700, seed=21)
+    path = image_server.add("/data/upload/1/process.png", encode_png(scene.pixels))
+    # After a restart Label Studio's first request is /predict: no /setup before it.
+    response = requests.post(url + "/predict", json=predict_body(path, [click_on(scene, 1)]), timeout=30)
+    assert response.status_code == 200, response.text
+    region = response.json()["results"][0]["result"][0]
+    assert iou(decode_region(region, 900, 700), scene.objects[1]) >= 0.98
+    bad = requests.post(url + "/predict", data=b"[", headers={"Content-Type": "application/json"}, timeout=5)
+    assert bad.status_code == 400 and "JSON" in bad.json()["error"]
+
+
+def test_basic_auth_protects_every_route(started_backend):
+    url = started_backend(DEMO="true", BASIC_AUTH_USER="annotator", BASIC_AUTH_PASS="s3cret")
+    assert requests.get(url + "/health", timeout=5).status_code == 401
+    assert requests.post(url + "/predict", json={}, timeout=5).status_code == 401
+    assert requests.get(url + "/health", auth=("annotator", "wrong"), timeout=5).status_code == 401
+    assert requests.get(url + "/health", auth=("annotator", "s3cret"), timeout=5).status_code == 200
+
+
+def test_broken_model_file_stops_the_process_with_a_message(tmp_path, test_model_paths):
+    models = tmp_path / "models"
+    models.mkdir()
+    encoder, decoder = test_model_paths
+    (models / "encoder.onnx").write_bytes(encoder.read_bytes())
+    (models / "decoder.onnx").write_bytes(decoder.read_bytes()[:100])
+    result = run_wsgi(backend_env(tmp_path, MODEL_URL=""), "--check")
+    assert result.returncode == 1
+    assert "decoder.onnx could not be loaded" in result.stderr
+
+
+def test_missing_models_are_downloaded_checked_and_unpacked(tmp_path, test_model_paths, image_server):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in test_model_paths:
+            archive.writestr(f"mask-object-segnext-b2hq/{path.name}", path.read_bytes())
+        archive.writestr("mask-object-segnext-b2hq/config.json", "{}")
+    image_server.add("/release/mask-object-segnext-b2hq.dtmodel", buffer.getvalue())
+    digest = hashlib.sha256(buffer.getvalue()).hexdigest()
+    model_url = image_server.url + "/release/mask-object-segnext-b2hq.dtmodel"
+
+    wrong = run_wsgi(backend_env(tmp_path, MODEL_URL=model_url, MODEL_SHA256="0" * 64), "--check")
+    assert wrong.returncode == 1 and digest in wrong.stderr
+    assert not (tmp_path / "models" / "encoder.onnx").exists()
+
+    result = run_wsgi(backend_env(tmp_path, MODEL_URL=model_url, MODEL_SHA256=digest), "--check")
+    assert result.returncode == 0, result.stderr
+    for path in test_model_paths:
+        assert (tmp_path / "models" / path.name).read_bytes() == path.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["decoder.onnx", "encoder.onnx"]
+
+
+def test_offline_start_says_where_to_put_the_files(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/mask-object-segnext-b2hq.dtmodel"
+    result = run_wsgi(backend_env(tmp_path, MODEL_URL=url), "--check")
+    assert result.returncode == 1
+    assert "place encoder.onnx and decoder.onnx in" in result.stderr and str(tmp_path / "models") in result.stderr
+
+
+def test_a_bad_setting_is_named(tmp_path):
+    result = run_wsgi(backend_env(tmp_path, DEMO="true", MASK_THRESHOLD="half"), "--check")
+    assert result.returncode == 2 and "MASK_THRESHOLD" in result.stderr
