@@ -1,10 +1,11 @@
 """The backend's process: settings, logging, model files, and the web server.
 
-    python _wsgi.py --host 0.0.0.0 --port 9090
+    python _wsgi.py --host 0.0.0.0 --port 9090      # Flask's threaded server, one process
+    gunicorn -c gunicorn.conf.py                    # production: WORKERS processes x THREADS threads
 
 Every setting comes from the environment (see the README); the command line only says where to listen.
-Missing model files are downloaded first; a model file that cannot be loaded stops the process with a
-message that says why, before it listens.
+Missing model files are downloaded first (by gunicorn's master, once); a model file that cannot be loaded
+stops the process with a message that says why, before it listens.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def configure_logging(level: str) -> None:
     )
 
 
-def model_paths(settings: Settings) -> tuple[Path, Path]:
+def prepare_model_files(settings: Settings) -> tuple[Path, Path]:
     """Where the encoder and decoder are, downloading them (or building the demo ones) first if needed."""
     if settings.demo:
         from tools.test_models import build_test_models
@@ -49,7 +50,7 @@ def model_paths(settings: Settings) -> tuple[Path, Path]:
 
 def load(settings: Settings) -> None:
     """Load the models into this process (once: every request shares them)."""
-    encoder_path, decoder_path = model_paths(settings)
+    encoder_path, decoder_path = prepare_model_files(settings)
     engine = SegNextEngine(
         encoder_path,
         decoder_path,
@@ -65,6 +66,14 @@ def load(settings: Settings) -> None:
 def create_app(settings: Settings):
     basic_auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
     return init_app(model.SegNextBackend, basic_auth=basic_auth, status=model.runtime_status)
+
+
+def gunicorn_app():
+    """gunicorn's app factory: each worker process loads its own models (ONNX sessions do not survive fork)."""
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    load(settings)
+    return create_app(settings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,11 @@ class Settings:
     basic_auth_user: str = ""
     basic_auth_pass: str = ""
     log_level: str = "INFO"
+    # Under gunicorn: processes, and threads per process. Each process loads its own models and caches,
+    # so one process with several threads is the default: every click then finds its image's features.
+    workers: int = 1
+    threads: int = 8
+    port: int = 9090
     # Where encoder.onnx and decoder.onnx live, and where to fetch them from when they are missing.
     model_dir: Path = Path("models")
     model_url: str = DEFAULT_MODEL_URL
@@ -99,6 +104,9 @@ class Settings:
             basic_auth_user=text("BASIC_AUTH_USER", ""),
             basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
             log_level=text("LOG_LEVEL", defaults.log_level).upper(),
+            workers=number("WORKERS", defaults.workers, int, 1),
+            threads=number("THREADS", defaults.threads, int, 1),
+            port=number("PORT", defaults.port, int, 1),
             model_dir=Path(text("MODEL_DIR", str(defaults.model_dir))),
             model_url=text("MODEL_URL", defaults.model_url),
             model_sha256=text("MODEL_SHA256", defaults.model_sha256).lower(),

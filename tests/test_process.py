@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 import requests
@@ -39,14 +40,18 @@ def run_wsgi(env, *args, timeout=60) -> subprocess.CompletedProcess:
 def started_backend(tmp_path):
     processes = []
 
-    def start(**env_extra) -> str:
-        """Start the backend and return its URL once it listens."""
+    def start(gunicorn=False, **env_extra) -> str:
+        """Start the backend (as `python _wsgi.py`, or under gunicorn) and return its URL once it listens."""
         port = free_port()
         log = tmp_path / f"backend-{port}.log"
+        if gunicorn:
+            command = [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"]
+        else:
+            command = [sys.executable, "_wsgi.py", "--host", "127.0.0.1", "--port", str(port)]
         process = subprocess.Popen(
-            [sys.executable, "_wsgi.py", "--host", "127.0.0.1", "--port", str(port)],
+            command,
             cwd=ROOT,
-            env=backend_env(tmp_path, **env_extra),
+            env=backend_env(tmp_path, PORT=str(port), **env_extra),
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
         )
@@ -84,6 +89,27 @@ def test_started_backend_answers_a_click_without_setup(started_backend, image_se
     assert iou(decode_region(region, 900, 700), scene.objects[1]) >= 0.98
     bad = requests.post(url + "/predict", data=b"[", headers={"Content-Type": "application/json"}, timeout=5)
     assert bad.status_code == 400 and "JSON" in bad.json()["error"]
+
+
+def test_gunicorn_serves_clicks_from_several_workers(started_backend, image_server):
+    url = started_backend(gunicorn=True, DEMO="true", WORKERS="2", THREADS="2", LABEL_STUDIO_URL=image_server.url)
+    scene = make_scene(640, 480, seed=22)
+    path = image_server.add("/data/upload/1/gunicorn.png", encode_png(scene.pixels))
+    for index in (0, 1, 2, 0):
+        response = requests.post(url + "/predict", json=predict_body(path, [click_on(scene, index)]), timeout=30)
+        assert response.status_code == 200, response.text
+        region = response.json()["results"][0]["result"][0]
+        assert iou(decode_region(region, 640, 480), scene.objects[index]) >= 0.98
+
+
+def test_gunicorn_without_model_files_exits_with_the_message(tmp_path):
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    result = subprocess.run(
+        [gunicorn, "-c", "gunicorn.conf.py"], cwd=ROOT, env=backend_env(tmp_path, MODEL_URL="", PORT=str(free_port())),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "place encoder.onnx and decoder.onnx in" in result.stderr
 
 
 def test_basic_auth_protects_every_route(started_backend):
