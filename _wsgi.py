@@ -48,6 +48,20 @@ def prepare_model_files(settings: Settings) -> tuple[Path, Path]:
     return settings.model_dir / "encoder.onnx", settings.model_dir / "decoder.onnx"
 
 
+def execution_providers(settings: Settings) -> list[str]:
+    """ONNX Runtime providers for DEVICE: CUDA when asked for and available, else the CPU, saying so."""
+    if settings.device == "cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        logger.warning(
+            "DEVICE=cuda but this onnxruntime has no CUDA execution provider (install onnxruntime-gpu, see "
+            "requirements-gpu.txt): running on the CPU"
+        )
+    return ["CPUExecutionProvider"]
+
+
 def load(settings: Settings) -> None:
     """Load the models into this process (once: every request shares them)."""
     encoder_path, decoder_path = prepare_model_files(settings)
@@ -56,6 +70,7 @@ def load(settings: Settings) -> None:
         decoder_path,
         intra_op_threads=settings.intra_op_threads,
         max_concurrent_decodes=settings.max_concurrent_decodes,
+        providers=execution_providers(settings),
     )
     if engine.is_test_model:
         logger.warning(DEMO_BANNER)

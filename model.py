@@ -47,6 +47,9 @@ def build_runtime(settings: Settings, engine) -> Runtime:
         ImageFetchConfig(
             label_studio_url=settings.label_studio_url,
             label_studio_api_key=settings.label_studio_api_key,
+            local_files_document_root=settings.local_files_document_root,
+            allow_private_hosts=settings.allow_private_image_hosts,
+            download_cache_bytes=settings.download_cache_bytes,
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
             connect_timeout=settings.image_connect_timeout,
@@ -55,8 +58,8 @@ def build_runtime(settings: Settings, engine) -> Runtime:
     )
     segmenter = InteractiveSegmenter(
         engine,
-        # The segmenter's image key is the resolved URL: fetch and decode it.
-        load_image=lambda url: image_source.decode(image_source.fetch(url)),
+        # The segmenter's image key is an ImageRef: the image source knows how to fetch it.
+        load_image=image_source.load,
         mask_threshold=settings.mask_threshold,
         feature_cache_bytes=settings.feature_cache_bytes,
         object_state_cache_bytes=settings.object_state_cache_bytes,
@@ -252,7 +255,7 @@ class SegNextBackend(LabelStudioMLBase):
         task = tasks[0]
         obj = clicks_from_context(context)
         target = image_target(self.parsed_label_config, obj.to_name, obj.label)
-        image_key = runtime.image_source.resolve(self._image_ref(task, target.data_field))
+        image_key = runtime.image_source.locate(self._image_ref(task, target.data_field), task.get("id"))
         prediction = runtime.segmenter.predict(image_key, obj.clicks, obj.original_width, obj.original_height)
         logger.info(
             "task %s: %d click(s) on %dx%d image, features %s (encoder %.0f ms), %d decoder run(s) %.0f ms, "
@@ -282,7 +285,7 @@ class SegNextBackend(LabelStudioMLBase):
                 if source.get("type") != "Image":
                     continue
                 try:
-                    image_key = runtime.image_source.resolve(self._image_ref(task, source.get("value")))
+                    image_key = runtime.image_source.locate(self._image_ref(task, source.get("value")), task.get("id"))
                 except RequestError as error:
                     logger.info("task %s: not pre-encoding its image: %s", task.get("id"), error)
                     continue

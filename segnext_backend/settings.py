@@ -30,6 +30,11 @@ class Settings:
     # and the API key is sent to that host only.
     label_studio_url: str = ""
     label_studio_api_key: str = ""
+    # Label Studio's local file storage: read /data/local-files/?d=... from this folder (never outside it)
+    # instead of through Label Studio. Empty: fetch them from Label Studio.
+    local_files_document_root: str = ""
+    # Fetch images from hosts on loopback, link-local or private addresses (the Label Studio host always is).
+    allow_private_image_hosts: bool = False
     # Basic auth for this backend's own routes (both empty: no auth).
     basic_auth_user: str = ""
     basic_auth_pass: str = ""
@@ -55,12 +60,16 @@ class Settings:
     max_image_pixels: int = 100_000_000
     # Downloads over this many bytes are refused.
     max_image_bytes: int = 100 * MIB
+    # Bytes of downloaded image files kept, so that an image whose features were evicted is not fetched again.
+    download_cache_bytes: int = 256 * MIB
     image_connect_timeout: float = 5.0
     image_read_timeout: float = 30.0
     # More clicks than this in one request are refused.
     max_clicks: int = 100
     # ONNX Runtime threads for one model run; 0 means one per physical core.
     intra_op_threads: int = 0
+    # "cpu", or "cuda" for ONNX Runtime's CUDA execution provider (needs onnxruntime-gpu; falls back to CPU).
+    device: str = "cpu"
     # How many decoder runs may go at once; the rest wait their turn (each holds ~1 GB on SegNext).
     max_concurrent_decodes: int = 1
 
@@ -98,9 +107,14 @@ class Settings:
         threshold = number("MASK_THRESHOLD", defaults.mask_threshold, float, 0.0)
         if not 0.0 < threshold < 1.0:
             raise SettingsError(f"MASK_THRESHOLD={threshold} must be between 0 and 1")
+        device = text("DEVICE", defaults.device).lower()
+        if device not in ("cpu", "cuda"):
+            raise SettingsError(f"DEVICE={device!r} must be cpu or cuda")
         return cls(
             label_studio_url=text("LABEL_STUDIO_URL", "").rstrip("/"),
             label_studio_api_key=text("LABEL_STUDIO_API_KEY", ""),
+            local_files_document_root=text("LOCAL_FILES_DOCUMENT_ROOT", ""),
+            allow_private_image_hosts=flag("ALLOW_PRIVATE_IMAGE_HOSTS", defaults.allow_private_image_hosts),
             basic_auth_user=text("BASIC_AUTH_USER", ""),
             basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
             log_level=text("LOG_LEVEL", defaults.log_level).upper(),
@@ -118,10 +132,12 @@ class Settings:
             ),
             max_image_pixels=number("MAX_IMAGE_PIXELS", defaults.max_image_pixels, int, 1),
             max_image_bytes=number("MAX_IMAGE_BYTES", defaults.max_image_bytes, int, 1),
+            download_cache_bytes=number("DOWNLOAD_CACHE_BYTES", defaults.download_cache_bytes, int, 0),
             image_connect_timeout=number("IMAGE_CONNECT_TIMEOUT", defaults.image_connect_timeout, float, 0.1),
             image_read_timeout=number("IMAGE_READ_TIMEOUT", defaults.image_read_timeout, float, 0.1),
             max_clicks=number("MAX_CLICKS", defaults.max_clicks, int, 1),
             intra_op_threads=number("ORT_INTRA_OP_THREADS", defaults.intra_op_threads, int, 0),
+            device=device,
             max_concurrent_decodes=number("MAX_CONCURRENT_DECODES", defaults.max_concurrent_decodes, int, 1),
         )
 

@@ -21,6 +21,7 @@ from conftest import (
     predict_body,
 )
 
+from segnext_backend.images import ImageRef
 from segnext_backend.masks import sigmoid
 
 
@@ -127,7 +128,7 @@ def test_region_has_label_studio_shape_and_plain_numbers(make_client, image_serv
 
 
 def test_label_studio_token_goes_with_uploads_only(make_client, image_server):
-    client, _ = make_client()
+    client, _ = make_client(allow_private_image_hosts=True)
     scene = make_scene(640, 480)
     upload = image_server.add("/data/upload/1/token.png", encode_png(scene.pixels))
     client.post("/predict", json=predict_body(upload, [click_on(scene, 0)]))
@@ -188,8 +189,9 @@ def test_task_open_answers_at_once_and_encodes_in_the_background(make_client, im
     assert time.perf_counter() - started < 0.4
 
     runtime_cache = __import__("model").get_runtime().segmenter.feature_cache
+    image = ImageRef("url", image_server.url + path)
     deadline = time.monotonic() + 10
-    while spy.encodes == 0 or runtime_cache.is_pending(image_server.url + path):
+    while spy.encodes == 0 or runtime_cache.is_pending(image):
         assert time.monotonic() < deadline, "background encode did not finish"
         time.sleep(0.02)
     image_server.delay_seconds = 0
