@@ -91,11 +91,27 @@ def gunicorn_app():
     return create_app(settings)
 
 
+def health_check(settings: Settings) -> int:
+    import requests
+
+    auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
+    try:
+        response = requests.get(f"http://127.0.0.1:{settings.port}/health", auth=auth, timeout=5)
+    except requests.RequestException as error:
+        print(f"unhealthy: {type(error).__name__}", file=sys.stderr)
+        return 1
+    print(response.status_code, response.text[:200])
+    return 0 if response.status_code == 200 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="SegNext ML backend for Label Studio")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     parser.add_argument("--port", type=int, default=9090, help="port to listen on (default 9090)")
     parser.add_argument("--check", action="store_true", help="fetch and load the models, then exit")
+    parser.add_argument(
+        "--health-check", action="store_true", help="exit 0 if the backend on PORT answers /health (for Docker)"
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -103,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.health_check:
+        return health_check(settings)
     configure_logging(settings.log_level)
     logger.info("settings: %s", settings.redacted())
     try:

@@ -1,0 +1,36 @@
+# segnext-backend: SegNext interactive segmentation for Label Studio.
+#   docker build -t segnext-backend .                                  (CPU)
+#   docker build -t segnext-backend:gpu --build-arg DEVICE=cuda .      (GPU: onnxruntime-gpu)
+# The model files are not in the image: they live in the /models volume and are downloaded there at the
+# first start (or put there by hand, see README.md).
+FROM python:3.11-slim
+
+ARG DEVICE=cpu
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    VENV=/opt/venv \
+    MODEL_DIR=/models \
+    PORT=9090 \
+    DEVICE=${DEVICE}
+
+WORKDIR /app
+RUN useradd --create-home --uid 1000 segnext \
+    && mkdir -p /models \
+    && chown segnext:segnext /models
+
+# The same install steps as scripts/install.sh (which tests/test_deploy.py runs in a clean virtual environment).
+COPY requirements.txt requirements-no-deps.txt requirements-gpu.txt ./
+COPY scripts/install.sh scripts/install.sh
+RUN bash scripts/install.sh \
+    && if [ "$DEVICE" = "cuda" ]; then \
+         /opt/venv/bin/pip uninstall --yes onnxruntime \
+         && /opt/venv/bin/pip install -r requirements-gpu.txt; \
+       fi
+
+COPY . .
+USER segnext
+VOLUME ["/models"]
+EXPOSE 9090
+HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
+    CMD ["/opt/venv/bin/python", "_wsgi.py", "--health-check"]
+CMD ["/opt/venv/bin/gunicorn", "-c", "gunicorn.conf.py"]

@@ -1,0 +1,95 @@
+"""What can be checked of the deployment without a Docker engine: the Dockerfile's install steps, run for
+real in a clean virtual environment; the compose files; the README's settings table; the GPU fallback."""
+
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import yaml
+from conftest import ROOT
+
+import _wsgi
+from segnext_backend.settings import Settings
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_dockerfile_installs_with_the_install_script_as_a_non_root_user():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim", dockerfile, re.M)
+    assert "RUN bash scripts/install.sh" in dockerfile
+    assert re.search(r"^USER segnext", dockerfile, re.M) and 'VOLUME ["/models"]' in dockerfile
+    assert "MODEL_DIR=/models" in dockerfile and "HEALTHCHECK" in dockerfile
+    assert "models" in (ROOT / ".dockerignore").read_text().split()  # weights never go into the image
+    assert 'CMD ["/opt/venv/bin/gunicorn", "-c", "gunicorn.conf.py"]' in dockerfile
+
+
+def test_the_dockerfile_install_steps_work_in_a_clean_virtual_environment(tmp_path):
+    venv = tmp_path / "venv"
+    env = {"VENV": str(venv), "PATH": "/usr/bin:/bin:/usr/local/bin", "HOME": str(tmp_path)}
+    import os
+
+    env = {**os.environ, **env}
+    result = subprocess.run(["bash", "scripts/install.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    python = venv / "bin" / "python"
+    # The app imports with only the runtime requirements (no test packages), and gunicorn is there.
+    check = subprocess.run(
+        [str(python), "-c", "import model, _wsgi, api; import label_studio_ml.model; print('ok')"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert check.stdout.strip() == "ok", check.stderr[-3000:]
+    assert (venv / "bin" / "gunicorn").exists()
+    missing = subprocess.run([str(python), "-c", "import pytest"], capture_output=True, timeout=60)
+    assert missing.returncode != 0  # test dependencies stay out of the image
+
+
+def test_compose_wires_label_studio_and_the_backend():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert services["label-studio"]["image"].startswith("heartexlabs/label-studio:")
+    backend = services["segnext-backend"]
+    assert backend["environment"]["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+    assert "segnext-models:/models" in backend["volumes"] and "segnext-models" in compose["volumes"]
+    assert "9090:9090" in backend["ports"] and "label-studio" in backend["depends_on"]
+    assert "--health-check" in backend["healthcheck"]["test"]
+    gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]["segnext-backend"]
+    assert gpu["build"]["args"]["DEVICE"] == "cuda" and gpu["environment"]["DEVICE"] == "cuda"
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+    # The README names what the compose file does.
+    for name in ("docker compose", "http://segnext-backend:9090", "docker-compose.gpu.yml"):
+        assert name in README
+
+
+def test_readme_documents_every_setting():
+    source = (ROOT / "segnext_backend" / "settings.py").read_text()
+    names = set(re.findall(r'(?:text|number|flag)\(\s*"([A-Z_0-9]+)"', source))
+    assert len(names) > 20
+    undocumented = sorted(name for name in names if f"`{name}`" not in README)
+    assert not undocumented, f"README lacks {undocumented}"
+
+
+def test_cuda_without_a_gpu_falls_back_to_the_cpu_with_a_log_line(caplog):
+    settings = replace(Settings(), device="cuda")
+    with caplog.at_level(logging.WARNING):
+        providers = _wsgi.execution_providers(settings)
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has the CUDA execution provider")
+    assert providers == ["CPUExecutionProvider"]
+    assert "running on the CPU" in caplog.text
+    assert _wsgi.execution_providers(Settings()) == ["CPUExecutionProvider"]
+
+
+def test_health_check_command(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "_wsgi.py", "--health-check"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={"PORT": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 1 and "unhealthy" in result.stderr
