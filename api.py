@@ -25,7 +25,10 @@ MAX_REQUEST_BYTES = 64 * 1024 * 1024  # a task with drafts carries brush RLEs: a
 
 
 def _json_body() -> dict:
-    body = request.get_json(force=True, silent=True)
+    try:
+        body = request.get_json(force=True, silent=True)
+    except RecursionError:  # JSON nested deeper than Python's parser goes
+        raise RequestError("the request body is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     return body

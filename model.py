@@ -14,12 +14,14 @@ import logging
 import math
 import uuid
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from label_studio_ml.model import LabelStudioMLBase
 
 from segnext_backend.errors import NotReadyError, RequestError
 from segnext_backend.images import ImageFetchConfig, ImageSource
 from segnext_backend.masks import mask_to_rle
+from segnext_backend.model_files import file_sha256
 from segnext_backend.segmenter import Click, InteractiveSegmenter
 from segnext_backend.settings import Settings
 
@@ -37,6 +39,7 @@ class Runtime:
     image_source: ImageSource
     segmenter: InteractiveSegmenter
     model_version: str
+    model_sha256: dict  # role -> SHA-256 of the loaded file, for /health
 
 
 _runtime: Runtime | None = None
@@ -66,7 +69,10 @@ def build_runtime(settings: Settings, engine) -> Runtime:
         max_clicks=settings.max_clicks,
     )
     version = DEMO_VERSION if engine.is_test_model else SEGNEXT_VERSION
-    return Runtime(settings=settings, image_source=image_source, segmenter=segmenter, model_version=version)
+    digests = {role: file_sha256(Path(info.path)) for role, info in engine.files.items()}
+    return Runtime(
+        settings=settings, image_source=image_source, segmenter=segmenter, model_version=version, model_sha256=digests
+    )
 
 
 def set_runtime(runtime: Runtime | None) -> None:
@@ -89,7 +95,10 @@ def runtime_status() -> dict:
     return {
         "model_version": runtime.model_version,
         "demo": segmenter.engine.is_test_model,
-        "models": {role: asdict(info) for role, info in segmenter.engine.files.items()},
+        "models": {
+            role: {**asdict(info), "sha256": runtime.model_sha256[role]} for role, info in segmenter.engine.files.items()
+        },
+        "download_cache": asdict(runtime.image_source.downloads.stats()),
         "feature_cache": asdict(segmenter.feature_cache.stats()),
         "object_state_cache": asdict(segmenter.object_states.stats()),
     }
