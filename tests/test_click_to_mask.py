@@ -206,6 +206,12 @@ def test_predict_works_without_setup_and_setup_answers_a_version(make_client, im
     assert setup.status_code == 200 and setup.json["model_version"].startswith("demo")
     health = client.get("/health")
     assert health.status_code == 200 and health.json["status"] == "UP" and health.json["demo"] is True
+    import hashlib
+    from pathlib import Path
+
+    for role in ("encoder", "decoder"):
+        info = health.json["models"][role]
+        assert info["sha256"] == hashlib.sha256(Path(info["path"]).read_bytes()).hexdigest()
     assert client.post("/webhook", json=captured("webhook-tasks-created-request.json")).status_code == 200
 
 

@@ -1,0 +1,217 @@
+"""Load test: N simulated annotators clicking at once on a running backend, loopback only.
+
+    python -m tools.load_test --annotators 1 4 16 --tasks 3 --clicks 4
+
+Starts the backend under gunicorn (as the Docker image runs it) with the colour-region test models and a
+local image server standing in for Label Studio, then lets each annotator open their own tasks (a /predict
+without context, which starts the background encode) and click positive and negative points on them. Every
+mask is checked against the object the clicks describe. Prints throughput, click latency percentiles, errors
+and the backend's peak RSS for each N, as a markdown table. Requests and time are bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from conftest import click_on, decode_region, encode_png, iou, make_scene, predict_body  # noqa: E402
+
+
+@dataclass
+class RunResult:
+    annotators: int
+    clicks: int
+    errors: int
+    wrong_masks: int
+    seconds: float
+    latencies_ms: list[float]
+    peak_rss_mb: float
+
+    def row(self) -> str:
+        lat = sorted(self.latencies_ms)
+
+        def pct(p):
+            return lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))] if lat else float("nan")
+
+        return (
+            f"| {self.annotators} | {self.clicks} | {self.clicks / self.seconds:.1f} | {pct(50):.0f} | {pct(95):.0f} | "
+            f"{pct(99):.0f} | {self.errors} | {self.wrong_masks} | {self.peak_rss_mb:.0f} |"
+        )
+
+
+HEADER = (
+    "| annotators | clicks | clicks/s | p50 ms | p95 ms | p99 ms | errors | wrong masks | peak RSS MB |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _serve_images(files: dict) -> tuple[http.server.ThreadingHTTPServer, str]:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            content = files.get(self.path)
+            self.send_response(200 if content else 404)
+            self.send_header("Content-Length", str(len(content or b"")))
+            self.end_headers()
+            self.wfile.write(content or b"")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_port}"
+
+
+def _peak_rss_mb(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def run(annotators: int, tasks: int, clicks: int, image_size=(1600, 1200), threads: int = 8, time_limit: float = 300.0) -> RunResult:
+    """One load run against a fresh backend; returns what it measured."""
+    files, scenes = {}, {}
+    for a in range(annotators):
+        for t in range(tasks):
+            scene = make_scene(*image_size, seed=1000 * a + t)
+            path = f"/data/upload/1/a{a}-t{t}.png"
+            files[path] = encode_png(scene.pixels)
+            scenes[path] = scene
+    httpd, image_url = _serve_images(files)
+    port = _free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="segnext-load-"))
+    env = {
+        **os.environ,
+        "DEMO": "true",
+        "MODEL_DIR": str(workdir / "models"),
+        "LABEL_STUDIO_URL": image_url,
+        "LABEL_STUDIO_API_KEY": "load-test",
+        "PORT": str(port),
+        "WORKERS": "1",
+        "THREADS": str(threads),
+        "LOG_LEVEL": "WARNING",
+    }
+    log = (workdir / "backend.log").open("w")
+    backend = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline or backend.poll() is not None:
+                raise RuntimeError("backend did not start: " + (workdir / "backend.log").read_text()[-2000:])
+            time.sleep(0.1)
+
+        latencies, errors, wrong = [], [0], [0]
+        lock = threading.Lock()
+        stop_at = time.monotonic() + time_limit
+
+        def annotator(a: int):
+            session = requests.Session()
+            for t in range(tasks):
+                path = f"/data/upload/1/a{a}-t{t}.png"
+                scene = scenes[path]
+                session.post(url + "/predict", json=predict_body(path, None, task_id=a * 100 + t), timeout=60)
+                # positive on object 0, positive on 1, negative on 0, positive on 2, ... : a known object each time
+                points, expected = [], None
+                for k in range(clicks):
+                    if time.monotonic() > stop_at:
+                        return
+                    index, positive = [(0, True), (1, True), (0, False), (2, True)][k % 4]
+                    points.append(click_on(scene, index, positive))
+                    expected = scene.objects[index] if expected is None else (
+                        expected | scene.objects[index] if positive else expected & ~scene.objects[index]
+                    )
+                    started = time.perf_counter()
+                    try:
+                        response = session.post(url + "/predict", json=predict_body(path, points, task_id=a * 100 + t), timeout=120)
+                        elapsed = (time.perf_counter() - started) * 1000
+                        ok = response.status_code == 200
+                        regions = response.json()["results"][0]["result"] if ok else []
+                        right = bool(regions) and iou(decode_region(regions[0], scene.width, scene.height), expected) >= 0.98
+                    except (requests.RequestException, ValueError, KeyError, IndexError):
+                        ok, right, elapsed = False, False, (time.perf_counter() - started) * 1000
+                    with lock:
+                        latencies.append(elapsed)
+                        errors[0] += not ok
+                        wrong[0] += ok and not right
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(annotators) as pool:
+            list(pool.map(annotator, range(annotators)))
+        seconds = time.perf_counter() - started
+        rss = _peak_rss_mb([backend.pid] + _children(backend.pid))
+        return RunResult(annotators, len(latencies), errors[0], wrong[0], seconds, latencies, rss)
+    finally:
+        backend.terminate()
+        try:
+            backend.wait(15)
+        except subprocess.TimeoutExpired:
+            backend.kill()
+        httpd.shutdown()
+        log.close()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--annotators", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--tasks", type=int, default=3, help="tasks per annotator")
+    parser.add_argument("--clicks", type=int, default=4, help="clicks per task")
+    parser.add_argument("--threads", type=int, default=8, help="THREADS of the backend")
+    parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per run at most")
+    args = parser.parse_args(argv)
+    print(f"# {os.cpu_count()} CPUs, test models, 1600x1200 PNGs, gunicorn 1 worker x {args.threads} threads")
+    print(HEADER)
+    failed = False
+    for n in args.annotators:
+        result = run(n, args.tasks, args.clicks, threads=args.threads, time_limit=args.time_limit)
+        print(result.row(), flush=True)
+        failed |= result.errors > 0 or result.wrong_masks > 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
