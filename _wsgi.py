@@ -71,6 +71,8 @@ def load(settings: Settings) -> None:
         intra_op_threads=settings.intra_op_threads,
         max_concurrent_decodes=settings.max_concurrent_decodes,
         providers=execution_providers(settings),
+        encoder_memory_arena=settings.encoder_memory_arena,
+        decoder_memory_arena=settings.decoder_memory_arena,
     )
     if engine.is_test_model:
         logger.warning(DEMO_BANNER)

@@ -67,6 +67,7 @@ def build_runtime(settings: Settings, engine) -> Runtime:
         feature_cache_bytes=settings.feature_cache_bytes,
         object_state_cache_bytes=settings.object_state_cache_bytes,
         max_clicks=settings.max_clicks,
+        feature_disk_cache_dir=settings.feature_disk_cache_dir or None,
     )
     version = DEMO_VERSION if engine.is_test_model else SEGNEXT_VERSION
     digests = {role: file_sha256(Path(info.path)) for role, info in engine.files.items()}

@@ -64,6 +64,56 @@ def bilinear_resize(array: np.ndarray, out_height: int, out_width: int, *, align
     return _resize_axis(_resize_axis(array, out_width, 1, align_corners), out_height, 0, align_corners)
 
 
+def bilinear_resize_at_least(
+    array: np.ndarray, out_height: int, out_width: int, threshold: float, *, align_corners: bool, block_rows: int = 64
+) -> np.ndarray:
+    """`bilinear_resize(array, ...) >= threshold` for a 2-D array, bit for bit, without the full-size floats.
+
+    The same passes in the same order with the same float32 arithmetic as `bilinear_resize` (so the same
+    values reach the comparison), but the output is made a band of rows at a time and compared at once:
+    a 12 MP mask never exists as 48 MB of float32, and each band stays in the CPU cache.
+    """
+    if array.ndim != 2:
+        raise ValueError(f"expected a 2-D array, got shape {array.shape}")
+    height, width = array.shape
+    out = np.empty((out_height, out_width), dtype=bool)
+    threshold = np.float32(threshold)
+    rows_first = out_height / height <= out_width / width
+    first, second, weight = _source_taps(height, out_height, align_corners)
+    if rows_first:
+        # Rows pass then columns pass, per band of output rows (each row's values depend on its own taps only).
+        source = array
+    else:
+        # Columns pass on the whole (small) source first, then the rows pass per band.
+        source = _resize_axis(array, out_width, 1, align_corners)
+    # Bilinear weights are in [0, 1], so each output value lies between the smallest and the largest source
+    # value it blends (up to a few float32 roundings, far inside `margin`): a band whose source rows are all
+    # clearly below (above) the threshold is all False (True) without resizing it. A real mask is mostly
+    # such bands.
+    finite = np.isfinite(source).all()
+    row_min, row_max = source.min(axis=1), source.max(axis=1)
+    margin = np.float32(1e-4) * (np.float32(np.abs(source).max(initial=0.0)) + abs(threshold)) if finite else None
+    for start in range(0, out_height, block_rows):
+        stop = min(start + block_rows, out_height)
+        if margin is not None:
+            low, high = int(first[start]), int(second[stop - 1])  # taps grow with the output index
+            if row_max[low : high + 1].max() < threshold - margin:
+                out[start:stop] = False
+                continue
+            if row_min[low : high + 1].min() > threshold + margin:
+                out[start:stop] = True
+                continue
+        a = source[first[start:stop]].astype(np.float32, copy=True)
+        b = source[second[start:stop]].astype(np.float32, copy=True)
+        b -= a
+        b *= weight[start:stop, None]
+        a += b
+        if rows_first:
+            a = _resize_axis(a, out_width, 1, align_corners)
+        np.greater_equal(a, threshold, out=out[start:stop])
+    return out
+
+
 def to_model_input(rgb: np.ndarray) -> np.ndarray:
     """An HxWx3 uint8 RGB image -> the encoder's 1x3x1024x1024 float32 input, RGB in [0, 1]."""
     if rgb.ndim != 3 or rgb.shape[2] != 3:
@@ -108,3 +158,11 @@ class ModelFrame:
         if (self.height, self.width) == logits.shape:
             return logits.astype(np.float32, copy=False)
         return bilinear_resize(logits, self.height, self.width, align_corners=True)
+
+    def logits_to_frame_at_least(self, logits: np.ndarray, logit_threshold: float) -> np.ndarray:
+        """`logits_to_frame(logits) >= logit_threshold` (height x width bool), without full-size floats."""
+        if logits.shape != (MODEL_SIZE, MODEL_SIZE):
+            raise ValueError(f"expected 1024x1024 logits, got {logits.shape}")
+        if (self.height, self.width) == logits.shape:
+            return logits.astype(np.float32, copy=False) >= np.float32(logit_threshold)
+        return bilinear_resize_at_least(logits, self.height, self.width, logit_threshold, align_corners=True)

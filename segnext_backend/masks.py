@@ -42,7 +42,8 @@ def logits_to_mask(logits: np.ndarray, frame: ModelFrame, threshold: float) -> O
     prediction was made, which costs a millionth-pixel sigmoid rather than one per original pixel.
     """
     logit_threshold = np.float32(math.log(threshold / (1.0 - threshold)))
-    mask = frame.logits_to_frame(logits) >= logit_threshold
+    # Resized and compared a band of rows at a time: the same values as resizing first, without 48 MB of floats.
+    mask = frame.logits_to_frame_at_least(logits, logit_threshold)
     inside = logits >= logit_threshold
     score = float(sigmoid(logits[inside]).mean()) if inside.any() and mask.any() else 0.0
     return ObjectMask(mask=mask, score=score)
@@ -59,7 +60,7 @@ def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Run lengths and run values of a 1-D array."""
     ends = np.flatnonzero(values[1:] != values[:-1])
     ends = np.append(ends, values.size - 1)
-    lengths = np.diff(np.append(-1, ends))
+    lengths = np.diff(ends, prepend=-1)
     return lengths, values[ends]
 
 
@@ -91,29 +92,42 @@ def _records(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.nd
     return code, width
 
 
-def _bits(code: np.ndarray, width: np.ndarray) -> np.ndarray:
-    """Concatenate the big-endian bit strings of each (code, width) record into one uint8 bit array."""
-    starts = np.cumsum(width) - width
-    record = np.repeat(np.arange(code.size), width)
-    offset = np.arange(record.size) - starts[record]
-    return ((code[record] >> (width[record] - 1 - offset)) & 1).astype(np.uint8)
+def _pack(code: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """The big-endian bit strings of the (code, width) records one after the other, zero-padded as the
+    converter pads (8 - n % 8 bits), as bytes.
+
+    Records are at most 27 bits wide, so each one, shifted to its bit offset within its first byte, spans at
+    most five bytes; records never share a bit, so adding the bytes they touch (one bincount) ORs them.
+    """
+    width = width.astype(np.int64)
+    ends = np.cumsum(width)
+    total_bits = int(ends[-1]) if ends.size else 0
+    n_bytes = (total_bits + 8 - total_bits % 8) // 8
+    starts = ends - width
+    first_byte = starts >> 3
+    # The record placed in a 40-bit window whose first bit is bit 0 of its first byte.
+    window = code.astype(np.int64) << (40 - (starts & 7) - width)
+    index = np.concatenate([first_byte + k for k in range(5)])
+    values = np.concatenate([(window >> (8 * (4 - k))) & 0xFF for k in range(5)])
+    keep = index < n_bytes
+    packed = np.bincount(index[keep], weights=values[keep], minlength=n_bytes)
+    return packed.astype(np.uint8)
 
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
     """A 2-D mask (bool, or uint8 0/255) -> Label Studio brush RLE, identical to `brush.mask2rle(0/255 mask)`."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
-    pixels = np.where(mask.ravel() > 0, 255, 0).astype(np.uint8)
-    lengths, values = _runs(pixels)
+    flat = mask.ravel()
+    on = flat.view(np.uint8) if flat.dtype == np.bool_ else (flat > 0).view(np.uint8)
+    lengths, values = _runs(on)
+    values = values.astype(np.int64) * 255
     lengths = lengths * 4  # each pixel is four RGBA bytes with the same value
     code, width = _records(lengths.astype(np.int64), values)
 
     header = (
-        [(pixels.size * 4, 32), (8 - 1, _HEADER_WORDSIZE_BITS)] + [(size - 1, 4) for size in _RUN_SIZES]
+        [(on.size * 4, 32), (8 - 1, _HEADER_WORDSIZE_BITS)] + [(size - 1, 4) for size in _RUN_SIZES]
     )
     header_code = np.array([c for c, _ in header], dtype=np.int64)
     header_width = np.array([w for _, w in header], dtype=np.int64)
-    bits = np.concatenate([_bits(header_code, header_width), _bits(code, width)])
-    # The converter always pads: 8 - (n % 8) zero bits, so a whole number of bytes gets one more zero byte.
-    bits = np.concatenate([bits, np.zeros(8 - bits.size % 8, dtype=np.uint8)])
-    return np.packbits(bits).tolist()
+    return _pack(np.concatenate([header_code, code]), np.concatenate([header_width, width])).tolist()

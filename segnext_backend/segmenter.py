@@ -14,16 +14,19 @@ This is the package's front door; it knows nothing of Label Studio or HTTP.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from .caches import LruCache
-from .engine import SegNextEngine
+from .engine import FEATURE_SHAPE, SegNextEngine
 from .errors import RequestError
 from .geometry import MODEL_SIZE, ModelFrame, to_model_input
 from .masks import ObjectMask, logits_to_mask, sigmoid
@@ -55,6 +58,7 @@ class PredictionTimings:
     """What one prediction cost: for the request log and the benchmarks."""
 
     feature_cache_hit: bool = True
+    disk_cache_hit: bool = False  # features read from the on-disk cache instead of encoding
     encoder_ms: float = 0.0
     decoder_runs: int = 0
     decoder_ms: float = 0.0
@@ -79,8 +83,16 @@ class InteractiveSegmenter:
         feature_cache_bytes: int = 1024 * 1024 * 1024,
         object_state_cache_bytes: int = 512 * 1024 * 1024,
         max_clicks: int = 100,
+        feature_disk_cache_dir: str | os.PathLike | None = None,
     ):
-        """`load_image(image_key)` returns the image's HxWx3 uint8 RGB pixels (fetching is its business)."""
+        """`load_image(image_key)` returns the image's HxWx3 uint8 RGB pixels (fetching is its business).
+
+        `feature_disk_cache_dir`: when set, every encoded image's features are also written there as float16
+        (6.3 MB per image) and read back instead of encoding when the memory cache no longer has them (after a
+        restart, an eviction, or in another worker process). Files are keyed by the image key and the encoder
+        file (path, size, modification time); nothing removes them, so bound the folder from outside. The
+        float16 rounding moves the logits slightly (docs/performance.md). None (the default): off.
+        """
         self.engine = engine
         self.load_image = load_image
         self.mask_threshold = mask_threshold
@@ -89,6 +101,9 @@ class InteractiveSegmenter:
         self.object_states: LruCache[tuple[str, ClickKey], np.ndarray] = LruCache(
             object_state_cache_bytes, lambda logits: logits.nbytes
         )
+        self.feature_disk_cache_dir = Path(feature_disk_cache_dir) if feature_disk_cache_dir else None
+        if self.feature_disk_cache_dir is not None:
+            self.feature_disk_cache_dir.mkdir(parents=True, exist_ok=True)
         # One background encoder at a time: the encoder is the heaviest thing the process runs.
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pre-encode")
 
@@ -98,15 +113,69 @@ class InteractiveSegmenter:
         """The image's features, encoding it if no request has yet (and waiting if one is encoding it now)."""
 
         def encode() -> EncodedImage:
+            if timings is not None:
+                timings.feature_cache_hit = False
+            stored = self._read_disk_features(image_key)
+            if stored is not None:
+                if timings is not None:
+                    timings.disk_cache_hit = True
+                return stored
             rgb = self.load_image(image_key)
             started = time.perf_counter()
             features = self.engine.encode(to_model_input(rgb))
             if timings is not None:
-                timings.feature_cache_hit = False
                 timings.encoder_ms = (time.perf_counter() - started) * 1000
-            return EncodedImage(key=image_key, features=features, width=rgb.shape[1], height=rgb.shape[0])
+            encoded = EncodedImage(key=image_key, features=features, width=rgb.shape[1], height=rgb.shape[0])
+            self._write_disk_features(encoded)
+            return encoded
 
         return self.feature_cache.get_or_compute(image_key, encode)
+
+    # -- the optional on-disk feature cache ---------------------------------------------------------------
+
+    def _disk_path(self, image_key) -> Path | None:
+        if self.feature_disk_cache_dir is None:
+            return None
+        encoder = self.engine.files.get("encoder") if isinstance(getattr(self.engine, "files", None), dict) else None
+        model_id = ""
+        if encoder is not None:
+            try:
+                model_id = f"{encoder.path}|{encoder.size_bytes}|{os.stat(encoder.path).st_mtime_ns}"
+            except OSError:
+                model_id = f"{encoder.path}|{encoder.size_bytes}"
+        identity = f"{type(image_key).__name__}|{getattr(image_key, 'kind', '')}|{image_key}|{model_id}"
+        return self.feature_disk_cache_dir / (hashlib.sha256(identity.encode()).hexdigest() + ".npz")
+
+    def _read_disk_features(self, image_key) -> EncodedImage | None:
+        path = self._disk_path(image_key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                features = stored["features"].astype(np.float32)
+                width, height = int(stored["width"]), int(stored["height"])
+        except Exception as error:  # a truncated or foreign file: encode instead
+            logger.warning("ignoring unreadable cached features %s: %s", path.name, error)
+            return None
+        if features.shape != FEATURE_SHAPE:
+            return None
+        return EncodedImage(key=image_key, features=features, width=width, height=height)
+
+    def _write_disk_features(self, encoded: EncodedImage) -> None:
+        path = self._disk_path(encoded.key)
+        if path is None:
+            return
+        half = encoded.features.astype(np.float16)
+        if not np.isfinite(half).all():  # beyond float16's range: keep this image in memory only
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        try:
+            with open(tmp, "wb") as file:
+                np.savez(file, features=half, width=encoded.width, height=encoded.height)
+            os.replace(tmp, path)
+        except OSError as error:  # a full or read-only disk costs the cache, not the click
+            logger.warning("could not write cached features %s: %s", path.name, error)
+            tmp.unlink(missing_ok=True)
 
     def encode_in_background(self, image_key: str) -> Future:
         """Start encoding an image (a task was opened) so that its first click finds the features ready."""

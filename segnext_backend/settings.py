@@ -68,6 +68,13 @@ class Settings:
     max_clicks: int = 100
     # ONNX Runtime threads for one model run; 0 means one per physical core.
     intra_op_threads: int = 0
+    # ONNX Runtime's CPU memory arena per model: the encoder's keeps ~2.4 GB resident for a 5-10 % faster encode
+    # (off), the decoder's ~2.2 GB for ~20 % faster clicks (on). See docs/performance.md.
+    encoder_memory_arena: bool = False
+    decoder_memory_arena: bool = True
+    # A folder for image features as float16 files (6.3 MB per image), reused after a restart or eviction and
+    # shared by worker processes. Empty: off. Nothing removes old files: bound the folder from outside.
+    feature_disk_cache_dir: str = ""
     # "cpu", or "cuda" for ONNX Runtime's CUDA execution provider (needs onnxruntime-gpu; falls back to CPU).
     device: str = "cpu"
     # How many decoder runs may go at once; the rest wait their turn (each holds ~1 GB on SegNext).
@@ -138,6 +145,9 @@ class Settings:
             max_clicks=number("MAX_CLICKS", defaults.max_clicks, int, 1),
             intra_op_threads=number("ORT_INTRA_OP_THREADS", defaults.intra_op_threads, int, 0),
             device=device,
+            encoder_memory_arena=flag("ORT_ENCODER_MEMORY_ARENA", defaults.encoder_memory_arena),
+            decoder_memory_arena=flag("ORT_DECODER_MEMORY_ARENA", defaults.decoder_memory_arena),
+            feature_disk_cache_dir=text("FEATURE_DISK_CACHE_DIR", ""),
             max_concurrent_decodes=number("MAX_CONCURRENT_DECODES", defaults.max_concurrent_decodes, int, 1),
         )
 
