@@ -21,18 +21,18 @@ Random weights make the timings right and the masks meaningless; nothing here ju
 from __future__ import annotations
 
 import argparse
-import http.server
 import io
 import os
 import platform
 import resource
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from tools.file_server import serve_files
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -90,28 +90,6 @@ def jpeg_bytes(width: int, height: int, seed: int = 0) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(natural_image(width, height, seed)).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
-
-
-def serve(files: dict[str, bytes]) -> tuple[str, http.server.ThreadingHTTPServer]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            content = files.get(self.path.split("?")[0])
-            if content is None:
-                self.send_response(404)
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(content)))
-            self.end_headers()
-            self.wfile.write(content)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    return f"http://127.0.0.1:{httpd.server_port}", httpd
 
 
 def keypoint(x_pct: float, y_pct: float, width: int, height: int, positive: bool = True) -> dict:
@@ -221,7 +199,7 @@ def run(models: Path, threads: int, runs: int) -> list[tuple[str, str, str, str]
     w12, h12 = 4000, 3000
     w24, h24 = 6000, 4000
     files = {"/data/upload/1/photo12.jpg": jpeg_bytes(w12, h12, 1), "/data/upload/1/photo24.jpg": jpeg_bytes(w24, h24, 2)}
-    url, httpd = serve(files)
+    url, httpd = serve_files(files)
     try:
         settings = Settings(label_studio_url=url, label_studio_api_key="benchmark-token")
         model.set_runtime(model.build_runtime(settings, spy))

@@ -12,10 +12,8 @@ and the backend's peak RSS for each N, as a markdown table. Requests and time ar
 from __future__ import annotations
 
 import argparse
-import http.server
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 from conftest import click_on, decode_region, encode_png, iou, make_scene, predict_body  # noqa: E402
+from tools.file_server import serve_files  # noqa: E402
 
 
 @dataclass
@@ -68,24 +67,6 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _serve_images(files: dict) -> tuple[http.server.ThreadingHTTPServer, str]:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            content = files.get(self.path)
-            self.send_response(200 if content else 404)
-            self.send_header("Content-Length", str(len(content or b"")))
-            self.end_headers()
-            self.wfile.write(content or b"")
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return httpd, f"http://127.0.0.1:{httpd.server_port}"
-
-
 def _peak_rss_mb(pids: list[int]) -> float:
     total = 0.0
     for pid in pids:
@@ -114,7 +95,7 @@ def run(annotators: int, tasks: int, clicks: int, image_size=(1600, 1200), threa
             path = f"/data/upload/1/a{a}-t{t}.png"
             files[path] = encode_png(scene.pixels)
             scenes[path] = scene
-    httpd, image_url = _serve_images(files)
+    image_url, httpd = serve_files(files)
     port = _free_port()
     workdir = Path(tempfile.mkdtemp(prefix="segnext-load-"))
     env = {
