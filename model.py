@@ -53,6 +53,7 @@ def build_runtime(settings: Settings, engine) -> Runtime:
             local_files_document_root=settings.local_files_document_root,
             allow_private_hosts=settings.allow_private_image_hosts,
             download_cache_bytes=settings.download_cache_bytes,
+            fast_jpeg_decode=settings.fast_jpeg_decode,
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
             connect_timeout=settings.image_connect_timeout,

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 1024 * 1024
 _MAX_REDIRECTS = 5
+_RETRY_STATUSES = (500, 502, 503, 504)
+_RETRY_DELAY_SECONDS = 0.3
+_DRAFT_MIN_SIZE = 1024  # the model frame: a draft decode never goes below it
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 
 
@@ -55,6 +58,9 @@ class ImageFetchConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     download_cache_bytes: int = 256 * 1024 * 1024
+    # Decode JPEGs at a reduced size (Pillow's draft: DCT scaling by 1/2, 1/4 or 1/8, never below 1024 px):
+    # several times faster for large photos, but the encoder then sees another input than upstream's.
+    fast_jpeg_decode: bool = False
 
 
 @dataclass(frozen=True)
@@ -267,19 +273,32 @@ class ImageSource:
         raise ImageUnavailableError(f"fetching the image took more than {_MAX_REDIRECTS} redirects")
 
     def _request(self, url: str, to_label_studio: bool) -> requests.Response:
+        """One GET, retried once after a refused connection or a 5xx (a restarting Label Studio, a busy
+        proxy); a time-out is not retried, since waiting twice as long helps nobody."""
         host = urlsplit(url).netloc
-        try:
-            headers = self.auth.header() if to_label_studio else {}
-            response = requests.get(url, headers=headers, timeout=self.timeout, stream=True, allow_redirects=False)
-            if response.status_code == 401 and to_label_studio and self.auth.is_personal_access_token:
-                response.close()  # the access token may have expired early: refresh once and retry
-                headers = self.auth.header(force_refresh=True)
+        for attempt in (1, 2):
+            try:
+                headers = self.auth.header() if to_label_studio else {}
                 response = requests.get(url, headers=headers, timeout=self.timeout, stream=True, allow_redirects=False)
+                if response.status_code == 401 and to_label_studio and self.auth.is_personal_access_token:
+                    response.close()  # the access token may have expired early: refresh once and retry
+                    headers = self.auth.header(force_refresh=True)
+                    response = requests.get(url, headers=headers, timeout=self.timeout, stream=True, allow_redirects=False)
+            except requests.Timeout:
+                raise ImageUnavailableError(f"fetching the image from {host} timed out") from None
+            except requests.ConnectionError as error:
+                if attempt == 1:
+                    time.sleep(_RETRY_DELAY_SECONDS)
+                    continue
+                raise ImageUnavailableError(f"fetching the image from {host} failed: {type(error).__name__}") from None
+            except requests.RequestException as error:
+                raise ImageUnavailableError(f"fetching the image from {host} failed: {type(error).__name__}") from None
+            if response.status_code in _RETRY_STATUSES and attempt == 1:
+                response.close()
+                time.sleep(_RETRY_DELAY_SECONDS)
+                continue
             return response
-        except requests.Timeout:
-            raise ImageUnavailableError(f"fetching the image from {host} timed out") from None
-        except requests.RequestException as error:
-            raise ImageUnavailableError(f"fetching the image from {host} failed: {type(error).__name__}") from None
+        raise AssertionError("unreachable")
 
     def _read_body(self, response: requests.Response, to_label_studio: bool) -> bytes:
         host = urlsplit(response.url).netloc
@@ -321,6 +340,9 @@ class ImageSource:
                 f"the image is {width}x{height} = {width * height} pixels, over the limit of "
                 f"{self.config.max_pixels} (MAX_IMAGE_PIXELS)"
             )
+        if self.config.fast_jpeg_decode and image.format == "JPEG":
+            # Only the features depend on these pixels: the mask follows the frame Label Studio reports.
+            image.draft("RGB", (_DRAFT_MIN_SIZE, _DRAFT_MIN_SIZE))
         try:
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)

@@ -62,6 +62,9 @@ class Settings:
     max_image_bytes: int = 100 * MIB
     # Bytes of downloaded image files kept, so that an image whose features were evicted is not fetched again.
     download_cache_bytes: int = 256 * MIB
+    # Decode large JPEGs at a reduced size (Pillow's draft, never below 1024 px): faster, but not the input
+    # upstream SegNext sees, so off by default (docs/performance.md says how far it moves).
+    fast_jpeg_decode: bool = False
     image_connect_timeout: float = 5.0
     image_read_timeout: float = 30.0
     # More clicks than this in one request are refused.
@@ -140,6 +143,7 @@ class Settings:
             max_image_pixels=number("MAX_IMAGE_PIXELS", defaults.max_image_pixels, int, 1),
             max_image_bytes=number("MAX_IMAGE_BYTES", defaults.max_image_bytes, int, 1),
             download_cache_bytes=number("DOWNLOAD_CACHE_BYTES", defaults.download_cache_bytes, int, 0),
+            fast_jpeg_decode=flag("FAST_JPEG_DECODE", defaults.fast_jpeg_decode),
             image_connect_timeout=number("IMAGE_CONNECT_TIMEOUT", defaults.image_connect_timeout, float, 0.1),
             image_read_timeout=number("IMAGE_READ_TIMEOUT", defaults.image_read_timeout, float, 0.1),
             max_clicks=number("MAX_CLICKS", defaults.max_clicks, int, 1),

@@ -309,3 +309,18 @@ def test_threshold_setting_is_used(make_client, image_server):
     path = image_server.add("/data/upload/1/threshold.png", encode_png(scene.pixels))
     response = client.post("/predict", json=predict_body(path, [click_on(scene, 0)]))
     assert response.status_code == 200 and response.json["results"][0]["result"] == []
+
+
+def test_fast_jpeg_decode_still_answers_at_the_reported_size(make_client, image_server):
+    import io
+
+    from PIL import Image
+
+    client, _ = make_client(fast_jpeg_decode=True)
+    scene = make_scene(4000, 3000, seed=12)
+    buffer = io.BytesIO()
+    Image.fromarray(scene.pixels).save(buffer, "JPEG", quality=95)
+    path = image_server.add("/data/upload/1/fast.jpg", buffer.getvalue())
+    region = only_region(client.post("/predict", json=predict_body(path, [click_on(scene, 1)])))
+    assert (region["original_width"], region["original_height"]) == (4000, 3000)
+    assert iou(decode_region(region, 4000, 3000), scene.objects[1]) >= 0.98

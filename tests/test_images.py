@@ -154,3 +154,39 @@ def test_unreachable_host_is_an_image_error():
         port = probe.getsockname()[1]
     with pytest.raises(ImageUnavailableError, match=f"127.0.0.1:{port}"):
         source(connect_timeout=0.5).fetch(url_ref(f"http://127.0.0.1:{port}/x.png"))
+
+
+def test_a_5xx_or_refused_connection_is_retried_once_and_a_4xx_is_not(image_server):
+    flaky = {"count": 0}
+    original = image_server.files
+
+    class FlakyFiles(dict):
+        def get(self, path, default=None):
+            if path == "/flaky.png":
+                flaky["count"] += 1
+                return 503 if flaky["count"] == 1 else b"second time lucky"
+            return original.get(path, default)
+
+    image_server.files = FlakyFiles()
+    assert source().fetch(url_ref(image_server.url + "/flaky.png")) == b"second time lucky"
+    assert flaky["count"] == 2
+
+    original["/broken.png"] = 500
+    original["/gone.png"] = 404
+    with pytest.raises(ImageUnavailableError, match="HTTP 500"):
+        source().fetch(url_ref(image_server.url + "/broken.png"))
+    with pytest.raises(ImageUnavailableError, match="HTTP 404"):
+        source().fetch(url_ref(image_server.url + "/gone.png"))
+    assert len(image_server.requests_for("/broken.png")) == 2 and len(image_server.requests_for("/gone.png")) == 1
+
+
+def test_fast_jpeg_decode_shrinks_large_jpegs_but_never_below_the_model_frame():
+    rng = np.random.default_rng(5)
+    photo = encoded(Image.fromarray(rng.integers(0, 256, (3000, 4000, 3), dtype=np.uint8)), "JPEG", quality=90)
+    assert source().decode(photo).shape == (3000, 4000, 3)  # off by default: upstream's exact input
+    fast = source(fast_jpeg_decode=True).decode(photo)
+    assert fast.shape == (1500, 2000, 3)
+    small = encoded(Image.fromarray(rng.integers(0, 256, (1200, 1600, 3), dtype=np.uint8)), "JPEG", quality=90)
+    assert source(fast_jpeg_decode=True).decode(small).shape == (1200, 1600, 3)
+    png = encoded(Image.new("RGB", (4000, 3000)))
+    assert source(fast_jpeg_decode=True).decode(png).shape == (3000, 4000, 3)
