@@ -136,13 +136,13 @@ class InteractiveSegmenter:
     def _disk_path(self, image_key) -> Path | None:
         if self.feature_disk_cache_dir is None:
             return None
-        encoder = self.engine.files.get("encoder") if isinstance(getattr(self.engine, "files", None), dict) else None
-        model_id = ""
-        if encoder is not None:
-            try:
-                model_id = f"{encoder.path}|{encoder.size_bytes}|{os.stat(encoder.path).st_mtime_ns}"
-            except OSError:
-                model_id = f"{encoder.path}|{encoder.size_bytes}"
+        # Features belong to one encoder file: a replaced model must not read the old model's features.
+        encoder = self.engine.files["encoder"]
+        try:
+            modified = os.stat(encoder.path).st_mtime_ns
+        except OSError:
+            modified = 0
+        model_id = f"{encoder.path}|{encoder.size_bytes}|{modified}"
         identity = f"{type(image_key).__name__}|{getattr(image_key, 'kind', '')}|{image_key}|{model_id}"
         return self.feature_disk_cache_dir / (hashlib.sha256(identity.encode()).hexdigest() + ".npz")
 
