@@ -69,6 +69,7 @@ def build_runtime(settings: Settings, engine) -> Runtime:
         object_state_cache_bytes=settings.object_state_cache_bytes,
         max_clicks=settings.max_clicks,
         feature_disk_cache_dir=settings.feature_disk_cache_dir or None,
+        feature_disk_cache_bytes=settings.feature_disk_cache_bytes,
     )
     version = DEMO_VERSION if engine.is_test_model else SEGNEXT_VERSION
     digests = {role: file_sha256(Path(info.path)) for role, info in engine.files.items()}

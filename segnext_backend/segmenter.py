@@ -84,14 +84,16 @@ class InteractiveSegmenter:
         object_state_cache_bytes: int = 512 * 1024 * 1024,
         max_clicks: int = 100,
         feature_disk_cache_dir: str | os.PathLike | None = None,
+        feature_disk_cache_bytes: int = 4 * 1024 * 1024 * 1024,
     ):
         """`load_image(image_key)` returns the image's HxWx3 uint8 RGB pixels (fetching is its business).
 
         `feature_disk_cache_dir`: when set, every encoded image's features are also written there as float16
         (6.3 MB per image) and read back instead of encoding when the memory cache no longer has them (after a
         restart, an eviction, or in another worker process). Files are keyed by the image key and the encoder
-        file (path, size, modification time); nothing removes them, so bound the folder from outside. The
-        float16 rounding moves the logits slightly (docs/performance.md). None (the default): off.
+        file (path, size, modification time). The folder is kept under `feature_disk_cache_bytes`, least
+        recently used files out first (a read refreshes a file's time). The float16 rounding moves the logits
+        slightly (docs/performance.md). None (the default): off.
         """
         self.engine = engine
         self.load_image = load_image
@@ -102,6 +104,7 @@ class InteractiveSegmenter:
             object_state_cache_bytes, lambda logits: logits.nbytes
         )
         self.feature_disk_cache_dir = Path(feature_disk_cache_dir) if feature_disk_cache_dir else None
+        self.feature_disk_cache_bytes = feature_disk_cache_bytes
         if self.feature_disk_cache_dir is not None:
             self.feature_disk_cache_dir.mkdir(parents=True, exist_ok=True)
         # One background encoder at a time: the encoder is the heaviest thing the process runs.
@@ -157,6 +160,10 @@ class InteractiveSegmenter:
         except Exception as error:  # a truncated or foreign file: encode instead
             logger.warning("ignoring unreadable cached features %s: %s", path.name, error)
             return None
+        try:
+            os.utime(path)  # recently used: the last to be trimmed
+        except OSError:
+            pass
         if features.shape != FEATURE_SHAPE:
             return None
         return EncodedImage(key=image_key, features=features, width=width, height=height)
@@ -176,6 +183,24 @@ class InteractiveSegmenter:
         except OSError as error:  # a full or read-only disk costs the cache, not the click
             logger.warning("could not write cached features %s: %s", path.name, error)
             tmp.unlink(missing_ok=True)
+            return
+        self._trim_disk_cache()
+
+    def _trim_disk_cache(self) -> None:
+        """Remove the least recently used feature files until the folder fits its byte budget."""
+        files = []
+        for path in self.feature_disk_cache_dir.glob("*.npz"):
+            try:
+                stat = path.stat()
+            except OSError:  # removed by another worker meanwhile
+                continue
+            files.append((stat.st_mtime_ns, stat.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self.feature_disk_cache_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
 
     def encode_in_background(self, image_key: str) -> Future:
         """Start encoding an image (a task was opened) so that its first click finds the features ready."""

@@ -76,8 +76,9 @@ class Settings:
     encoder_memory_arena: bool = False
     decoder_memory_arena: bool = True
     # A folder for image features as float16 files (6.3 MB per image), reused after a restart or eviction and
-    # shared by worker processes. Empty: off. Nothing removes old files: bound the folder from outside.
+    # shared by worker processes. Empty: off. Kept under feature_disk_cache_bytes, least recently used out first.
     feature_disk_cache_dir: str = ""
+    feature_disk_cache_bytes: int = 4096 * MIB
     # "cpu", or "cuda" for ONNX Runtime's CUDA execution provider (needs onnxruntime-gpu; falls back to CPU).
     device: str = "cpu"
     # How many decoder runs may go at once; the rest wait their turn (each holds ~1 GB on SegNext).
@@ -152,6 +153,7 @@ class Settings:
             encoder_memory_arena=flag("ORT_ENCODER_MEMORY_ARENA", defaults.encoder_memory_arena),
             decoder_memory_arena=flag("ORT_DECODER_MEMORY_ARENA", defaults.decoder_memory_arena),
             feature_disk_cache_dir=text("FEATURE_DISK_CACHE_DIR", ""),
+            feature_disk_cache_bytes=number("FEATURE_DISK_CACHE_BYTES", defaults.feature_disk_cache_bytes, int, 0),
             max_concurrent_decodes=number("MAX_CONCURRENT_DECODES", defaults.max_concurrent_decodes, int, 1),
         )
 

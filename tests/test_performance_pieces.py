@@ -180,3 +180,26 @@ def test_disk_feature_cache_ignores_unreadable_files_and_is_off_by_default(test_
     assert default.feature_disk_cache_dir is None
     default.predict("img", clicks, scene.width, scene.height)
     default.shutdown()
+
+
+def test_disk_feature_cache_stays_within_its_byte_budget(test_model_paths, tmp_path):
+    import time
+
+    from conftest import make_scene
+
+    from segnext_backend.segmenter import Click
+
+    scene = make_scene(320, 240)
+    one_file = None
+    segmenter, _ = _segmenter(test_model_paths, scene, feature_disk_cache_dir=tmp_path, feature_disk_cache_bytes=10**12)
+    segmenter.predict("first", [Click(10, 10)], 320, 240)
+    (only,) = tmp_path.glob("*.npz")
+    one_file = only.stat().st_size
+    # Room for two files: after three images, the least recently used (the first) is gone.
+    segmenter, _ = _segmenter(test_model_paths, scene, feature_disk_cache_dir=tmp_path, feature_disk_cache_bytes=2 * one_file)
+    for key in ("second", "third"):
+        time.sleep(0.01)
+        segmenter.predict(key, [Click(10, 10)], 320, 240)
+    remaining = sorted(tmp_path.glob("*.npz"))
+    assert len(remaining) == 2 and only not in remaining
+    assert sum(p.stat().st_size for p in remaining) <= 2 * one_file
