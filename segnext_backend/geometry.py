@@ -39,12 +39,15 @@ def _source_taps(in_size: int, out_size: int, align_corners: bool) -> tuple[np.n
 
 def _resize_axis(array: np.ndarray, out_size: int, axis: int, align_corners: bool) -> np.ndarray:
     first, second, weight = _source_taps(array.shape[axis], out_size, align_corners)
-    a = np.take(array, first, axis=axis).astype(np.float32, copy=False)
-    b = np.take(array, second, axis=axis).astype(np.float32, copy=False)
     shape = [1] * array.ndim
     shape[axis] = out_size
-    weight = weight.reshape(shape)
-    # a + w * (b - a): one multiply, and exact where w is 0.
+    return _blend(np.take(array, first, axis=axis), np.take(array, second, axis=axis), weight.reshape(shape))
+
+
+def _blend(a: np.ndarray, b: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """a + weight * (b - a) in float32: one multiply, and exact where the weight is 0. Reuses a's buffer."""
+    a = a.astype(np.float32, copy=False)
+    b = b.astype(np.float32, copy=False)
     b -= a
     b *= weight
     a += b
@@ -103,11 +106,8 @@ def bilinear_resize_at_least(
             if row_min[low : high + 1].min() > threshold + margin:
                 out[start:stop] = True
                 continue
-        a = source[first[start:stop]].astype(np.float32, copy=True)
-        b = source[second[start:stop]].astype(np.float32, copy=True)
-        b -= a
-        b *= weight[start:stop, None]
-        a += b
+        # Fancy indexing copies, so blending in place never touches `source`.
+        a = _blend(source[first[start:stop]], source[second[start:stop]], weight[start:stop, None])
         if rows_first:
             a = _resize_axis(a, out_width, 1, align_corners)
         np.greater_equal(a, threshold, out=out[start:stop])
@@ -122,6 +122,11 @@ def to_model_input(rgb: np.ndarray) -> np.ndarray:
     resized = bilinear_resize(rgb, MODEL_SIZE, MODEL_SIZE, align_corners=False)
     resized *= np.float32(1.0 / 255.0)
     return np.ascontiguousarray(resized.transpose(2, 0, 1))[None]
+
+
+def _require_model_frame(logits: np.ndarray) -> None:
+    if logits.shape != (MODEL_SIZE, MODEL_SIZE):
+        raise ValueError(f"expected 1024x1024 logits, got {logits.shape}")
 
 
 @dataclass(frozen=True)
@@ -153,16 +158,14 @@ class ModelFrame:
 
     def logits_to_frame(self, logits: np.ndarray) -> np.ndarray:
         """1024x1024 logits -> height x width logits (float32)."""
-        if logits.shape != (MODEL_SIZE, MODEL_SIZE):
-            raise ValueError(f"expected 1024x1024 logits, got {logits.shape}")
+        _require_model_frame(logits)
         if (self.height, self.width) == logits.shape:
             return logits.astype(np.float32, copy=False)
         return bilinear_resize(logits, self.height, self.width, align_corners=True)
 
     def logits_to_frame_at_least(self, logits: np.ndarray, logit_threshold: float) -> np.ndarray:
         """`logits_to_frame(logits) >= logit_threshold` (height x width bool), without full-size floats."""
-        if logits.shape != (MODEL_SIZE, MODEL_SIZE):
-            raise ValueError(f"expected 1024x1024 logits, got {logits.shape}")
+        _require_model_frame(logits)
         if (self.height, self.width) == logits.shape:
             return logits.astype(np.float32, copy=False) >= np.float32(logit_threshold)
         return bilinear_resize_at_least(logits, self.height, self.width, logit_threshold, align_corners=True)
