@@ -3,6 +3,11 @@
 `encode` and `decode` are pure functions of their inputs, like SAM's image encoder and mask decoder: all
 caching and click bookkeeping lives in `segmenter.py`. The interface is checked when the files are loaded, so
 that a wrong file fails at start with a message naming what differs, not at the first click.
+
+Image features are returned as an ONNX Runtime `OrtValue` that lives where the decoder reads them
+(`feature_device`): on the GPU under the CUDA execution provider, so that a click copies only its clicks and
+the 4 MB `prev_mask` to the device and the 4 MB logits back, never the 12.6 MB of features. On the CPU the
+same code runs with the features in host memory, which is how the tests exercise it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from .geometry import MODEL_SIZE
 logger = logging.getLogger(__name__)
 
 FEATURE_SHAPE = (1, 768, 64, 64)
+FEATURE_BYTES = int(np.prod(FEATURE_SHAPE)) * 4  # float32
 TEST_MODEL_METADATA_KEY = "segnext_backend.test_model"
 
 # name -> shape; a str is a dynamic dimension (any name, or none, is accepted there).
@@ -96,6 +102,11 @@ def _load(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.
         raise ModelInterfaceError(f"{path} could not be loaded by ONNX Runtime: {error}") from None
 
 
+def feature_device(active_providers: list[str]) -> str:
+    """Where a session with these (active, in priority order) providers wants its inputs: "cuda" or "cpu"."""
+    return "cuda" if active_providers and active_providers[0] == "CUDAExecutionProvider" else "cpu"
+
+
 class SegNextEngine:
     def __init__(
         self,
@@ -119,6 +130,10 @@ class SegNextEngine:
         check_interface(self.encoder, str(encoder_path), ENCODER_INPUTS, ENCODER_OUTPUTS)
         self.decoder = _load(Path(decoder_path), _session_options(intra_op_threads, decoder_memory_arena), providers)
         check_interface(self.decoder, str(decoder_path), DECODER_INPUTS, DECODER_OUTPUTS)
+        active = self.decoder.get_providers()
+        if providers[0] not in active:  # e.g. onnxruntime-gpu without a usable driver: ORT falls back quietly
+            logger.warning("%s could not be started; running on %s", providers[0], ", ".join(active))
+        self.feature_device = feature_device(active)
         self.files = {
             role: ModelFileInfo(
                 path=str(path),
@@ -136,29 +151,56 @@ class SegNextEngine:
     def is_test_model(self) -> bool:
         return any(info.is_test_model for info in self.files.values())
 
-    def encode(self, model_input: np.ndarray) -> np.ndarray:
-        """1x3x1024x1024 float32 RGB in [0, 1] -> 1x768x64x64 image features."""
+    def encode(self, model_input: np.ndarray) -> ort.OrtValue:
+        """1x3x1024x1024 float32 RGB in [0, 1] -> 1x768x64x64 image features, on `feature_device`."""
         if model_input.shape != ENCODER_INPUTS["image"] or model_input.dtype != np.float32:
             raise ValueError(f"encoder input must be float32 {ENCODER_INPUTS['image']}, got {model_input.dtype} {model_input.shape}")
         with self._encode_slots:
-            (features,) = self.encoder.run(["image_feats"], {"image": model_input})
+            # Allocated here rather than by the session: the session's arena would keep an evicted image's
+            # features reserved, while this is given back to the device when the cache drops it.
+            features = ort.OrtValue.ortvalue_from_shape_and_type(FEATURE_SHAPE, np.float32, self.feature_device, 0)
+            binding = self.encoder.io_binding()
+            binding.bind_cpu_input("image", np.ascontiguousarray(model_input))
+            binding.bind_ortvalue_output("image_feats", features)
+            self.encoder.run_with_iobinding(binding)
         return features
 
+    def features_from_numpy(self, features: np.ndarray) -> ort.OrtValue:
+        """Host features (e.g. read from the disk cache) -> features on `feature_device`, as `encode` returns."""
+        features = np.ascontiguousarray(features, dtype=np.float32)
+        if features.shape != FEATURE_SHAPE:
+            raise ValueError(f"features must be {FEATURE_SHAPE}, got {features.shape}")
+        # A copy that ONNX Runtime owns: `ortvalue_from_numpy` would only borrow the array's memory on the CPU,
+        # and a `.numpy()` view of it would then outlive the array (a use after free, measured: a segfault).
+        on_device = ort.OrtValue.ortvalue_from_shape_and_type(FEATURE_SHAPE, np.float32, self.feature_device, 0)
+        on_device.update_inplace(features)
+        return on_device
+
     def decode(
-        self, features: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray, prev_mask: np.ndarray
+        self,
+        features: ort.OrtValue | np.ndarray,
+        point_coords: np.ndarray,
+        point_labels: np.ndarray,
+        prev_mask: np.ndarray,
     ) -> np.ndarray:
         """Features, Nx2 clicks (x, y in the model frame), N labels (1/0), 1024x1024 prev probability -> logits.
 
-        Returns the 1024x1024 float32 logits.
+        Returns the 1024x1024 float32 logits, in host memory.
         """
-        coords = np.asarray(point_coords, dtype=np.float32).reshape(1, -1, 2)
-        labels = np.asarray(point_labels, dtype=np.float32).reshape(1, -1)
-        prev = np.asarray(prev_mask, dtype=np.float32).reshape(1, 1, MODEL_SIZE, MODEL_SIZE)
+        if isinstance(features, np.ndarray):
+            features = self.features_from_numpy(features)
+        coords = np.ascontiguousarray(point_coords, dtype=np.float32).reshape(1, -1, 2)
+        labels = np.ascontiguousarray(point_labels, dtype=np.float32).reshape(1, -1)
+        prev = np.ascontiguousarray(prev_mask, dtype=np.float32).reshape(1, 1, MODEL_SIZE, MODEL_SIZE)
         if coords.shape[1] != labels.shape[1] or coords.shape[1] == 0:
             raise ValueError(f"need as many labels as clicks, and at least one: {coords.shape} vs {labels.shape}")
         with self._decode_slots:
-            (logits,) = self.decoder.run(
-                ["mask"],
-                {"image_feats": features, "point_coords": coords, "point_labels": labels, "prev_mask": prev},
-            )
-        return logits[0, 0]
+            binding = self.decoder.io_binding()
+            binding.bind_ortvalue_input("image_feats", features)
+            binding.bind_cpu_input("point_coords", coords)
+            binding.bind_cpu_input("point_labels", labels)
+            binding.bind_cpu_input("prev_mask", prev)
+            binding.bind_output("mask", "cpu")  # the mask is resized and thresholded on the host
+            self.decoder.run_with_iobinding(binding)
+            (logits,) = binding.get_outputs()
+        return logits.numpy()[0, 0]

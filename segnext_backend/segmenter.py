@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import onnxruntime as ort
 
 from .caches import LruCache
-from .engine import FEATURE_SHAPE, SegNextEngine
+from .engine import FEATURE_BYTES, FEATURE_SHAPE, SegNextEngine
 from .errors import RequestError
 from .geometry import MODEL_SIZE, ModelFrame, to_model_input
 from .masks import ObjectMask, logits_to_mask, sigmoid
@@ -48,7 +49,7 @@ class Click:
 @dataclass(frozen=True)
 class EncodedImage:
     key: str
-    features: np.ndarray
+    features: ort.OrtValue  # on the decoder's device (engine.feature_device)
     width: int  # of the pixels that were encoded, after EXIF orientation
     height: int
 
@@ -99,7 +100,7 @@ class InteractiveSegmenter:
         self.load_image = load_image
         self.mask_threshold = mask_threshold
         self.max_clicks = max_clicks
-        self.feature_cache: LruCache[str, EncodedImage] = LruCache(feature_cache_bytes, lambda e: e.features.nbytes)
+        self.feature_cache: LruCache[str, EncodedImage] = LruCache(feature_cache_bytes, lambda e: FEATURE_BYTES)
         self.object_states: LruCache[tuple[str, ClickKey], np.ndarray] = LruCache(
             object_state_cache_bytes, lambda logits: logits.nbytes
         )
@@ -155,7 +156,7 @@ class InteractiveSegmenter:
             return None
         try:
             with np.load(path, allow_pickle=False) as stored:
-                features = stored["features"].astype(np.float32)
+                features = stored["features"]
                 width, height = int(stored["width"]), int(stored["height"])
         except Exception as error:  # a truncated or foreign file: encode instead
             logger.warning("ignoring unreadable cached features %s: %s", path.name, error)
@@ -166,13 +167,13 @@ class InteractiveSegmenter:
             pass
         if features.shape != FEATURE_SHAPE:
             return None
-        return EncodedImage(key=image_key, features=features, width=width, height=height)
+        return EncodedImage(key=image_key, features=self.engine.features_from_numpy(features), width=width, height=height)
 
     def _write_disk_features(self, encoded: EncodedImage) -> None:
         path = self._disk_path(encoded.key)
         if path is None:
             return
-        half = encoded.features.astype(np.float16)
+        half = encoded.features.numpy().astype(np.float16)
         if not np.isfinite(half).all():  # beyond float16's range: keep this image in memory only
             return
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")

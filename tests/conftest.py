@@ -179,7 +179,13 @@ class EngineSpy:
     def decode(self, features, coords, labels, prev_mask):
         logits = self.engine.decode(features, coords, labels, prev_mask)
         self.decodes.append(
-            {"coords": np.array(coords), "labels": np.array(labels), "prev_mask": np.array(prev_mask), "logits": logits}
+            {
+                "features": features,
+                "coords": np.array(coords),
+                "labels": np.array(labels),
+                "prev_mask": np.array(prev_mask),
+                "logits": logits,
+            }
         )
         return logits
 

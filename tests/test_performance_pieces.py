@@ -1,5 +1,6 @@
 """The pieces that make a click cheap keep their exact answers: band-wise resize+threshold, the packed RLE,
-the engine's memory arena options, and the int8 quantisation tool (tools/quantize.py)."""
+the engine's memory arena options, features kept on the decoder's device, the int8 quantisation tool
+(tools/quantize.py), and the on-disk feature cache."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from label_studio_converter import brush
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segnext_backend.engine import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS  # noqa: E402
-from segnext_backend.engine import SegNextEngine, check_interface  # noqa: E402
+from segnext_backend.engine import SegNextEngine, check_interface, feature_device  # noqa: E402
 from segnext_backend.geometry import MODEL_SIZE, ModelFrame, bilinear_resize, bilinear_resize_at_least  # noqa: E402
 from segnext_backend.masks import logits_to_mask, mask_to_rle  # noqa: E402
 
@@ -115,6 +116,95 @@ def test_quantize_command_writes_int8_models_with_segnext_interface(shallow_mode
     logits8 = int8.decode(int8.encode(image), *args)
     assert logits8.shape == (MODEL_SIZE, MODEL_SIZE) and np.isfinite(logits8).all()
     assert np.corrcoef(logits32.ravel(), logits8.ravel())[0, 1] > 0.9
+
+
+# -- features stay on the decoder's device between clicks ------------------------------------------------------
+# The CUDA path is this code with device "cuda": the engine binds the cached features to the decoder without
+# copying them. Here (no GPU) the device is the CPU, which runs every line of it but the device name.
+
+
+def test_feature_device_follows_the_decoders_first_active_provider():
+    assert feature_device(["CUDAExecutionProvider", "CPUExecutionProvider"]) == "cuda"
+    assert feature_device(["CPUExecutionProvider"]) == "cpu"
+    assert feature_device(["CPUExecutionProvider", "CUDAExecutionProvider"]) == "cpu"
+
+
+def test_bound_encode_and_decode_give_exactly_what_plain_session_runs_give(shallow_models):
+    engine = SegNextEngine(*shallow_models, intra_op_threads=1)
+    rng = np.random.default_rng(3)
+    image = rng.random((1, 3, MODEL_SIZE, MODEL_SIZE), dtype=np.float32)
+    features = engine.encode(image)
+    assert features.device_name() == engine.feature_device == "cpu" and features.shape() == [1, 768, 64, 64]
+    (expected_features,) = engine.encoder.run(["image_feats"], {"image": image})
+    np.testing.assert_array_equal(features.numpy(), expected_features)
+
+    def plain_decode(clicks, labels, prev):
+        feeds = {
+            "image_feats": expected_features,
+            "point_coords": np.array([clicks], np.float32),
+            "point_labels": np.array([labels], np.float32),
+            "prev_mask": prev.reshape(1, 1, MODEL_SIZE, MODEL_SIZE),
+        }
+        return engine.decoder.run(["mask"], feeds)[0][0, 0]
+
+    prev = rng.random((MODEL_SIZE, MODEL_SIZE), dtype=np.float32)
+    first = engine.decode(features, [[500.0, 400.0]], [1.0], np.zeros_like(prev))
+    second = engine.decode(features, [[500.0, 400.0], [100.0, 900.0]], [1.0, 0.0], prev)
+    from_host = engine.decode(expected_features, [[500.0, 400.0], [100.0, 900.0]], [1.0, 0.0], prev)
+    import gc
+
+    gc.collect()  # the logits must own their memory once the binding that produced them is gone
+    np.testing.assert_array_equal(first, plain_decode([[500.0, 400.0]], [1.0], np.zeros_like(prev)))
+    np.testing.assert_array_equal(second, plain_decode([[500.0, 400.0], [100.0, 900.0]], [1.0, 0.0], prev))
+    np.testing.assert_array_equal(from_host, second)
+    assert not np.array_equal(first, second)
+
+
+def test_features_loaded_from_host_memory_own_their_copy(test_model_paths):
+    import gc
+
+    engine = SegNextEngine(*test_model_paths, intra_op_threads=1)
+    stored = np.random.default_rng(4).normal(size=(1, 768, 64, 64)).astype(np.float16)  # as the disk cache holds
+    view = engine.features_from_numpy(stored).numpy()  # the OrtValue itself is gone after this line
+    gc.collect()
+    reused = [np.full(stored.shape, 9.0, np.float32) for _ in range(8)]  # would take over freed memory
+    np.testing.assert_array_equal(view, stored.astype(np.float32))
+    assert all((array == 9.0).all() for array in reused)
+    with pytest.raises(ValueError, match="features must be"):
+        engine.features_from_numpy(np.zeros((1, 768, 32, 32), np.float32))
+
+
+def test_clicks_reuse_the_cached_features_without_copying_them(test_model_paths):
+    from conftest import make_scene
+
+    scene = make_scene(800, 600)
+    segmenter, spy = _segmenter(test_model_paths, scene)
+    from segnext_backend.segmenter import Click
+
+    x, y = scene.inside_point(1)
+    for count in (1, 2, 3):
+        segmenter.predict("img", [Click(x, y), Click(x + 3, y), Click(x, y + 3)][:count], 800, 600)
+    cached = segmenter.feature_cache.get("img").features
+    assert spy.encodes == 1 and len(spy.decodes) == 3
+    # The very object the encoder wrote into, on the decoder's device: no per-click host round trip.
+    assert all(decode["features"] is cached for decode in spy.decodes)
+    assert cached.device_name() == spy.engine.feature_device
+
+
+def test_an_unavailable_gpu_provider_falls_back_to_host_features_and_says_so(test_model_paths, caplog):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has the CUDA execution provider")
+    with caplog.at_level("WARNING", logger="segnext_backend.engine"), pytest.warns(UserWarning):
+        engine = SegNextEngine(*test_model_paths, intra_op_threads=1, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert engine.feature_device == "cpu"
+    assert any("CUDAExecutionProvider could not be started" in r.getMessage() for r in caplog.records)
+    features = engine.encode(np.zeros((1, 3, MODEL_SIZE, MODEL_SIZE), np.float32))
+    assert engine.decode(features, [[10.0, 10.0]], [1.0], np.zeros((MODEL_SIZE, MODEL_SIZE), np.float32)).shape == (
+        MODEL_SIZE,
+        MODEL_SIZE,
+    )
 
 
 # -- the optional on-disk float16 feature cache ----------------------------------------------------------------

@@ -274,9 +274,11 @@ def run(models: Path, threads: int, runs: int) -> list[tuple[str, str, str, str]
 
     with tempfile.TemporaryDirectory() as tmp:
         disk = InteractiveSegmenter(engine, lambda key: None, feature_disk_cache_dir=tmp)
-        disk._write_disk_features(EncodedImage(key="bench", features=features, width=w12, height=h12))
+        disk._write_disk_features(
+            EncodedImage(key="bench", features=engine.features_from_numpy(features), width=w12, height=h12)
+        )
         disk_read_s, _ = timed(lambda: disk._read_disk_features("bench"), runs)
-        half_features = disk._read_disk_features("bench").features
+        half_features = disk._read_disk_features("bench").features.numpy()
         disk.shutdown()
     logits_fp32 = engine.decoder.run(["mask"], feeds)[0]
     logits_fp16 = engine.decoder.run(["mask"], dict(feeds, image_feats=half_features))[0]
