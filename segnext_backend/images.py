@@ -7,7 +7,11 @@ Where an image is (`ImageSource.locate`):
 - Cloud storage URIs (`s3://`, `gs://`, `azure-blob://`) are fetched through Label Studio's presign endpoint
   for the task, which redirects to a short-lived signed URL.
 - Other http(s) URLs are fetched as they are, without the key; hosts on loopback, link-local or private
-  addresses are refused unless allowed, so that a task cannot make the backend probe its network.
+  addresses are refused unless allowed, so that a task cannot make the backend probe its network. The name
+  is checked before connecting (for a clear message), and the address each connection actually reaches is
+  checked again before anything is sent: a name may resolve to a public address for the first check and to
+  a private one for the connection (DNS rebinding). Through an HTTP(S) proxy only the first check applies,
+  since the proxy makes the connection.
 
 How: the Label Studio key goes to the Label Studio host only (redirects are followed by hand, and never
 with the key to another host); downloads have time-outs and a byte limit and are kept in a byte-bounded
@@ -33,6 +37,9 @@ from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit
 import numpy as np
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from .caches import LruCache
 from .errors import ImageTooLargeError, ImageUnavailableError, RequestError
@@ -78,6 +85,54 @@ class ImageRef:
 
     def __str__(self) -> str:
         return self.location
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%")[0])  # an IPv6 address may carry a %zone
+    return ip.is_global and not ip.is_multicast
+
+
+def _non_public_host_refused(host: str, address: str) -> RequestError:
+    return RequestError(
+        f"the image host {host} is on a non-public address ({address}): refused; set "
+        "ALLOW_PRIVATE_IMAGE_HOSTS=true to fetch images from your own network"
+    )
+
+
+class _PublicPeerOnly:
+    """A urllib3 connection that refuses to go on when its socket reached a non-public address."""
+
+    def _new_conn(self):
+        sock = super()._new_conn()
+        address = sock.getpeername()[0]
+        if not _is_public(address):
+            sock.close()
+            # Not an OSError: urllib3 would take it for a network failure and retry it.
+            raise _non_public_host_refused(self.host, address)
+        return sock
+
+
+class _PublicHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = type("PublicHTTPConnection", (_PublicPeerOnly, HTTPConnection), {})
+
+
+class _PublicHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = type("PublicHTTPSConnection", (_PublicPeerOnly, HTTPSConnection), {})
+
+
+class _PublicAddressesOnly(HTTPAdapter):
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _PublicHTTPConnectionPool, "https": _PublicHTTPSConnectionPool}
+
+
+def _get_streamed(url: str, headers: dict, timeout: tuple[float, float], public_only: bool) -> requests.Response:
+    """`requests.get`, streamed and without redirects; with `public_only`, only public addresses are reached."""
+    with requests.Session() as session:
+        if public_only:
+            session.mount("http://", _PublicAddressesOnly())
+            session.mount("https://", _PublicAddressesOnly())
+        return session.get(url, headers=headers, timeout=timeout, stream=True, allow_redirects=False)
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -213,7 +268,7 @@ class ImageSource:
 
     def _check_host_allowed(self, url: str) -> None:
         """Refuse hosts that resolve to loopback, link-local, private or reserved addresses (SSRF)."""
-        if self.config.allow_private_hosts or self._is_label_studio(url):
+        if not self._public_only(url):
             return
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -221,13 +276,12 @@ class ImageSource:
             addresses = {info[4][0] for info in socket.getaddrinfo(host, parts.port or 80, proto=socket.IPPROTO_TCP)}
         except (socket.gaierror, UnicodeError):
             raise ImageUnavailableError(f"the image host {host!r} could not be resolved") from None
-        for address in addresses:
-            ip = ipaddress.ip_address(address.split("%")[0])
-            if not ip.is_global or ip.is_multicast:
-                raise RequestError(
-                    f"the image host {host} is on a non-public address ({ip}): refused; set "
-                    "ALLOW_PRIVATE_IMAGE_HOSTS=true to fetch images from your own network"
-                )
+        for address in sorted(addresses):
+            if not _is_public(address):
+                raise _non_public_host_refused(host, address)
+
+    def _public_only(self, url: str) -> bool:
+        return not (self.config.allow_private_hosts or self._is_label_studio(url))
 
     # -- fetch ---------------------------------------------------------------------------------------------
 
@@ -276,14 +330,15 @@ class ImageSource:
         """One GET, retried once after a refused connection or a 5xx (a restarting Label Studio, a busy
         proxy); a time-out is not retried, since waiting twice as long helps nobody."""
         host = urlsplit(url).netloc
+        public_only = self._public_only(url)
         for attempt in (1, 2):
             try:
                 headers = self.auth.header() if to_label_studio else {}
-                response = requests.get(url, headers=headers, timeout=self.timeout, stream=True, allow_redirects=False)
+                response = _get_streamed(url, headers, self.timeout, public_only)
                 if response.status_code == 401 and to_label_studio and self.auth.is_personal_access_token:
                     response.close()  # the access token may have expired early: refresh once and retry
                     headers = self.auth.header(force_refresh=True)
-                    response = requests.get(url, headers=headers, timeout=self.timeout, stream=True, allow_redirects=False)
+                    response = _get_streamed(url, headers, self.timeout, public_only)
             except requests.Timeout:
                 raise ImageUnavailableError(f"fetching the image from {host} timed out") from None
             except requests.ConnectionError as error:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import http.server
 import json
+import socket
 import threading
 import time
 from urllib.parse import parse_qs, urlsplit
@@ -17,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from segnext_backend.errors import RequestError
+from segnext_backend import images
 from segnext_backend.images import ImageFetchConfig, ImageRef, ImageSource
 
 LEGACY = "0123456789abcdef0123456789abcdef01234567"
@@ -226,6 +228,46 @@ def test_urls_on_non_public_addresses_are_refused_by_default(servers, url):
     source = source_for(ls, LEGACY)
     with pytest.raises(RequestError, match="non-public address.*ALLOW_PRIVATE_IMAGE_HOSTS"):
         source.fetch(source.locate(url))
+
+
+def _rebinding_dns(monkeypatch, name: str, first_answer: str, later_answer: str) -> list:
+    """`name` resolves to first_answer once (the backend's check), then to later_answer (the connection)."""
+    real_getaddrinfo = socket.getaddrinfo
+    lookups = []
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host != name:
+            return real_getaddrinfo(host, port, *args, **kwargs)
+        lookups.append(host)
+        address = first_answer if len(lookups) == 1 else later_answer
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, int(port or 80)))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return lookups
+
+
+def test_a_name_rebound_to_a_private_address_after_the_check_is_refused_before_sending(servers, monkeypatch):
+    ls, foreign = servers
+    foreign.add("/x.png", b"foreign bytes")
+    lookups = _rebinding_dns(monkeypatch, "rebind.example", "93.184.216.34", "127.0.0.1")
+    source = source_for(ls, LEGACY)
+    port = urlsplit(foreign.url).port
+    with pytest.raises(RequestError, match=r"rebind.example is on a non-public address \(127.0.0.1\)"):
+        source.fetch(source.locate(f"http://rebind.example:{port}/x.png"))
+    assert len(lookups) == 2  # the check passed on the public answer; the connection saw loopback
+    assert foreign.requests == []  # refused once connected, before the request was sent
+
+
+def test_connections_checked_for_public_addresses_still_fetch(servers, monkeypatch):
+    ls, foreign = servers
+    foreign.add("/x.png", b"foreign bytes")
+    _rebinding_dns(monkeypatch, "images.example", "93.184.216.34", "127.0.0.1")
+    checked = []
+    monkeypatch.setattr(images, "_is_public", lambda address: checked.append(address) or True)  # all allowed
+    source = source_for(ls, LEGACY)
+    port = urlsplit(foreign.url).port
+    assert source.fetch(source.locate(f"http://images.example:{port}/x.png")) == b"foreign bytes"
+    assert checked == ["93.184.216.34", "127.0.0.1"]  # the name, then the address the socket reached
 
 
 def test_downloads_are_cached_within_their_byte_budget(servers):
