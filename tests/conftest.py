@@ -1,109 +1,41 @@
-"""Shared fixtures: the test models, synthetic images with known objects, a local image server, the app."""
+"""Shared fixtures: the test models, a local image server, the app, the backend as a process; and, from
+tools.scenes, synthetic images with known objects and the request bodies Label Studio sends for them."""
 
 from __future__ import annotations
 
-import copy
-import http.server
-import io
-import json
+import os
+import socket
+import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "label-studio"
 sys.path.insert(0, str(ROOT))
 
 import model  # noqa: E402
 from api import init_app  # noqa: E402
 from segnext_backend.engine import SegNextEngine  # noqa: E402
 from segnext_backend.settings import Settings  # noqa: E402
+from tools.file_server import BytesHandler, start_server  # noqa: E402
+from tools.scenes import (  # noqa: E402, F401  (the tests import these from here)
+    LABEL_CONFIG,
+    Scene,
+    captured,
+    click_on,
+    decode_region,
+    encode_png,
+    iou,
+    keypoint,
+    make_scene,
+    predict_body,
+)
 from tools.test_models import build_test_models  # noqa: E402
-
-BACKGROUND = (20, 20, 20)
-# Flat colours far apart (the test decoder selects pixels within 0.05 of the clicked colour).
-COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 230), (230, 210, 40)]
-
-LABEL_CONFIG = """<View>
-  <Image name="image" value="$image" zoom="true"/>
-  <BrushLabels name="tag" toName="image">
-    <Label value="Thing" background="#FF0000"/>
-    <Label value="Other" background="#0d14d3"/>
-  </BrushLabels>
-  <KeyPointLabels name="tag2" toName="image" smart="true">
-    <Label value="Thing" smart="true" background="#000000" showInline="true"/>
-    <Label value="Other" smart="true" background="#000000" showInline="true"/>
-  </KeyPointLabels>
-</View>"""
-
-
-@dataclass
-class Scene:
-    """A synthetic image as the browser shows it, with boolean masks of its objects."""
-
-    pixels: np.ndarray  # H x W x 3 uint8
-    objects: list[np.ndarray]  # H x W bool each
-
-    @property
-    def width(self) -> int:
-        return self.pixels.shape[1]
-
-    @property
-    def height(self) -> int:
-        return self.pixels.shape[0]
-
-    def inside_point(self, index: int) -> tuple[float, float]:
-        """A point well inside object `index` (a pixel centre away from its edges), in pixels."""
-        core = self.objects[index].copy()
-        margin = max(2, min(self.width, self.height) // 50)
-        for _ in range(margin):  # erode, so that the point is not on an edge the resize blends
-            core[1:-1, 1:-1] &= core[:-2, 1:-1] & core[2:, 1:-1] & core[1:-1, :-2] & core[1:-1, 2:]
-        ys, xs = np.nonzero(core)
-        cy, cx = np.median(ys), np.median(xs)
-        nearest = np.argmin((ys - cy) ** 2 + (xs - cx) ** 2)
-        return float(xs[nearest]) + 0.5, float(ys[nearest]) + 0.5
-
-
-def make_scene(width: int, height: int, seed: int = 0) -> Scene:
-    """An ellipse, a rectangle and a ring-shaped object on a dark background; sizes relative to the image."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    pixels = np.empty((height, width, 3), np.uint8)
-    pixels[:] = BACKGROUND
-    shift = rng.uniform(-0.03, 0.03, size=2)
-    ellipse = ((xx / width - 0.3 - shift[0]) / 0.18) ** 2 + ((yy / height - 0.35 - shift[1]) / 0.22) ** 2 <= 1
-    rectangle = (xx >= 0.55 * width) & (xx < 0.9 * width) & (yy >= 0.15 * height) & (yy < 0.5 * height)
-    radius = np.hypot(xx / width - 0.6, yy / height - 0.75)
-    ring = (radius >= 0.06) & (radius <= 0.2)
-    objects = []
-    for colour, shape in zip(COLOURS, (ellipse, rectangle, ring)):
-        shape = shape & ~np.any(objects, axis=0) if objects else shape
-        pixels[shape] = colour
-        objects.append(shape)
-    return Scene(pixels=pixels, objects=objects)
-
-
-def encode_png(pixels: np.ndarray, exif_orientation: int | None = None) -> bytes:
-    image = Image.fromarray(pixels)
-    buffer = io.BytesIO()
-    if exif_orientation is None:
-        image.save(buffer, "PNG", compress_level=1)
-    else:
-        exif = Image.Exif()
-        exif[0x0112] = exif_orientation
-        image.save(buffer, "PNG", compress_level=1, exif=exif)
-    return buffer.getvalue()
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 @dataclass
@@ -127,30 +59,14 @@ class ImageServer:
 def image_server():
     server_state = ImageServer()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(BytesHandler):
         def do_GET(self):
             server_state.requests.append({"path": self.path, "headers": dict(self.headers)})
             if server_state.delay_seconds:
                 time.sleep(server_state.delay_seconds)
-            content = server_state.files.get(self.path)
-            if content is None or isinstance(content, int):
-                self.send_response(content or 404)
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(content)))
-            self.end_headers()
-            self.wfile.write(content)
+            self.answer(server_state.files.get(self.path))  # the path with its query string
 
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    server_state.url = f"http://127.0.0.1:{httpd.server_port}"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    server_state.url, httpd = start_server(Handler)
     yield server_state
     httpd.shutdown()
     httpd.server_close()
@@ -213,44 +129,54 @@ def make_client(test_model_paths, image_server):
         runtime.segmenter.shutdown()
 
 
-def captured(name: str) -> dict:
-    """A request body that a real Label Studio 1.23.2 sent (../shared/label-studio)."""
-    return json.loads((SHARED / name).read_text())["json"]
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
-def keypoint(x_pct: float, y_pct: float, width: int, height: int, positive: bool = True, label: str = "Thing") -> dict:
-    """A smart keypoint as the Label Studio front end sends it (unrounded percentages)."""
-    return {
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {"x": x_pct, "y": y_pct, "width": 0.2, "labels": [label], "keypointlabels": [label]},
-        "is_positive": positive,
-        "id": f"kp{x_pct:.3f}{y_pct:.3f}",
-        "from_name": "tag2",
-        "to_name": "image",
-        "type": "keypointlabels",
-        "origin": "manual",
-    }
+def backend_env(tmp_path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("DEMO", "MODEL_DIR", "MODEL_URL", "MODEL_SHA256")}
+    env.update(MODEL_DIR=str(tmp_path / "models"), LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
 
 
-def predict_body(image_path: str, points: list[dict] | None, task_id: int = 2) -> dict:
-    """A /predict body shaped like the captured UI click, with this task image and these keypoints."""
-    body = copy.deepcopy(captured("ui-click1-positive-request.json"))
-    body["label_config"] = LABEL_CONFIG
-    body["tasks"][0]["id"] = task_id
-    body["tasks"][0]["data"]["image"] = image_path
-    body["params"]["context"] = None if points is None else {"result": points}
-    return body
+@pytest.fixture
+def started_backend(tmp_path):
+    processes = []
 
+    def start(gunicorn=False, **env_extra) -> str:
+        """Start the backend (as `python _wsgi.py`, or under gunicorn) and return its URL once it listens."""
+        port = free_port()
+        log = tmp_path / f"backend-{port}.log"
+        if gunicorn:
+            command = [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"]
+        else:
+            command = [sys.executable, "_wsgi.py", "--host", "127.0.0.1", "--port", str(port)]
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=backend_env(tmp_path, PORT=str(port), **env_extra),
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        processes.append(process)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            try:
+                requests.get(url + "/health", timeout=2)
+                return url
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise AssertionError("the backend did not listen within 60 s: " + log.read_text())
 
-def click_on(scene: Scene, index: int, positive: bool = True) -> dict:
-    x, y = scene.inside_point(index)
-    return keypoint(100 * x / scene.width, 100 * y / scene.height, scene.width, scene.height, positive)
-
-
-def decode_region(region: dict, width: int, height: int) -> np.ndarray:
-    """The mask of a returned BrushLabels region, decoded by label-studio-converter."""
-    from label_studio_converter.brush import decode_rle
-
-    return decode_rle(region["value"]["rle"]).reshape(height, width, 4)[:, :, 3] > 0
+    yield start
+    for process in processes:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()

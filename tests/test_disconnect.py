@@ -9,10 +9,9 @@ from urllib.parse import urlsplit
 
 import requests
 from conftest import click_on, decode_region, encode_png, iou, make_scene, predict_body
-from test_process import started_backend  # noqa: F401  (the fixture)
 
 
-def test_a_client_that_disconnects_mid_request_does_not_hurt_the_server(started_backend, image_server):  # noqa: F811
+def test_a_client_that_disconnects_mid_request_does_not_hurt_the_server(started_backend, image_server):
     url = started_backend(DEMO="true", LABEL_STUDIO_URL=image_server.url, LABEL_STUDIO_API_KEY="k")
     scene = make_scene(800, 600, seed=31)
     path = image_server.add("/data/upload/1/disconnect.png", encode_png(scene.pixels))

@@ -4,76 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import socket
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
-import pytest
 import requests
-from conftest import ROOT, click_on, decode_region, encode_png, iou, make_scene, predict_body
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def backend_env(tmp_path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("DEMO", "MODEL_DIR", "MODEL_URL", "MODEL_SHA256")}
-    env.update(MODEL_DIR=str(tmp_path / "models"), LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
+from conftest import ROOT, backend_env, click_on, decode_region, encode_png, free_port, iou, make_scene, predict_body
 
 
 def run_wsgi(env, *args, timeout=60) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "_wsgi.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
-
-
-@pytest.fixture
-def started_backend(tmp_path):
-    processes = []
-
-    def start(gunicorn=False, **env_extra) -> str:
-        """Start the backend (as `python _wsgi.py`, or under gunicorn) and return its URL once it listens."""
-        port = free_port()
-        log = tmp_path / f"backend-{port}.log"
-        if gunicorn:
-            command = [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"]
-        else:
-            command = [sys.executable, "_wsgi.py", "--host", "127.0.0.1", "--port", str(port)]
-        process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=backend_env(tmp_path, PORT=str(port), **env_extra),
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-        )
-        processes.append(process)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert process.poll() is None, log.read_text()
-            try:
-                requests.get(url + "/health", timeout=2)
-                return url
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise AssertionError("the backend did not listen within 60 s: " + log.read_text())
-
-    yield start
-    for process in processes:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def test_started_backend_answers_a_click_without_setup(started_backend, image_server):

@@ -6,9 +6,9 @@ For each N, and for MAX_CONCURRENT_DECODES = 1 (the default) and = N, a FRESH su
 carries over from an earlier measurement):
 
 1. loads the engine on the benchmark models (`SegNextEngine`, `max_concurrent_decodes` from the settings, as
-   `_wsgi.load` wires it) and builds the runtime with `model.build_runtime`, as tests/conftest.py's
-   make_client does, with `dataclasses.replace(Settings(), max_concurrent_decodes=K)`;
-2. pre-encodes N different 1600x1200 PNG scenes (conftest.make_scene), served by a local stand-in for Label
+   `_wsgi.load` wires it) and builds the runtime with `model.build_runtime`, as the tests' make_client
+   fixture does, with `dataclasses.replace(Settings(), max_concurrent_decodes=K)`;
+2. pre-encodes N different 1600x1200 PNG scenes (tools.scenes.make_scene), served by a local stand-in for Label
    Studio: one task open (context null) each, then waits for the background encodes;
 3. fires N first clicks, one per image, from N threads released together by a barrier, through the Flask
    app (`/predict`, end to end);
@@ -52,13 +52,12 @@ def maxrss_mb() -> float:
 
 def child(models: Path, clicks: int, bound: int, threads: int) -> dict:
     """One measurement in this (fresh) process; returns the figures as a dict."""
-    sys.path.insert(0, str(ROOT / "tests"))
     import model
     from api import init_app
-    from conftest import click_on, encode_png, make_scene, predict_body
     from segnext_backend.engine import SegNextEngine
     from segnext_backend.settings import Settings
     from tools.file_server import serve_files
+    from tools.scenes import click_on, encode_png, make_scene, predict_body
 
     scenes = [make_scene(WIDTH, HEIGHT, seed=100 + i) for i in range(clicks)]
     files = {f"/data/upload/1/concurrent{i}.png": encode_png(scene.pixels) for i, scene in enumerate(scenes)}

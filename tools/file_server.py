@@ -1,5 +1,5 @@
 """A throwaway HTTP server on 127.0.0.1 that serves byte strings by path: Label Studio's stand-in for the
-benchmark and the load test."""
+benchmark and the load test. The tests' image server is built on the same handler."""
 
 from __future__ import annotations
 
@@ -7,25 +7,38 @@ import http.server
 import threading
 
 
-def serve_files(files: dict[str, bytes]) -> tuple[str, http.server.ThreadingHTTPServer]:
-    """Start serving `files` (path -> bytes; the query string is ignored); returns (base URL, server)."""
+class BytesHandler(http.server.BaseHTTPRequestHandler):
+    """A quiet request handler; subclasses' do_GET calls `answer` with what to send back."""
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            content = files.get(self.path.split("?")[0])
-            if content is None:
-                self.send_response(404)
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(content)))
+    def answer(self, content: bytes | int | None) -> None:
+        """Send `content` with 200; an int is answered as that status without a body, None as 404."""
+        if content is None or isinstance(content, int):
+            self.send_response(content or 404)
             self.end_headers()
-            self.wfile.write(content)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        self.wfile.write(content)
 
-        def log_message(self, *args):
-            pass
+    def log_message(self, *args):
+        pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+def start_server(handler: type[http.server.BaseHTTPRequestHandler]) -> tuple[str, http.server.ThreadingHTTPServer]:
+    """Serve with `handler` on a free port of 127.0.0.1 from a daemon thread; returns (base URL, server)."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return f"http://127.0.0.1:{httpd.server_port}", httpd
+
+
+def serve_files(files: dict[str, bytes]) -> tuple[str, http.server.ThreadingHTTPServer]:
+    """Start serving `files` (path -> bytes; the query string is ignored); returns (base URL, server)."""
+
+    class Handler(BytesHandler):
+        def do_GET(self):
+            self.answer(files.get(self.path.split("?")[0]))
+
+    return start_server(Handler)

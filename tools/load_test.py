@@ -26,11 +26,10 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from conftest import click_on, decode_region, encode_png, iou, make_scene, predict_body  # noqa: E402
 from tools.file_server import serve_files  # noqa: E402
+from tools.scenes import click_on, decode_region, encode_png, iou, make_scene, predict_body  # noqa: E402
 
 
 @dataclass

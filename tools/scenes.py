@@ -1,0 +1,140 @@
+"""Synthetic images with known object masks, and the /predict bodies Label Studio sends for clicks on them.
+
+Used by the tests, the load test and the memory measurement: each scene's objects are flat colours, so the
+test models segment them exactly and a returned mask can be checked against the object that was clicked.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "label-studio"
+
+BACKGROUND = (20, 20, 20)
+# Flat colours far apart (the test decoder selects pixels within 0.05 of the clicked colour).
+COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 230), (230, 210, 40)]
+
+LABEL_CONFIG = """<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <BrushLabels name="tag" toName="image">
+    <Label value="Thing" background="#FF0000"/>
+    <Label value="Other" background="#0d14d3"/>
+  </BrushLabels>
+  <KeyPointLabels name="tag2" toName="image" smart="true">
+    <Label value="Thing" smart="true" background="#000000" showInline="true"/>
+    <Label value="Other" smart="true" background="#000000" showInline="true"/>
+  </KeyPointLabels>
+</View>"""
+
+
+@dataclass
+class Scene:
+    """A synthetic image as the browser shows it, with boolean masks of its objects."""
+
+    pixels: np.ndarray  # H x W x 3 uint8
+    objects: list[np.ndarray]  # H x W bool each
+
+    @property
+    def width(self) -> int:
+        return self.pixels.shape[1]
+
+    @property
+    def height(self) -> int:
+        return self.pixels.shape[0]
+
+    def inside_point(self, index: int) -> tuple[float, float]:
+        """A point well inside object `index` (a pixel centre away from its edges), in pixels."""
+        core = self.objects[index].copy()
+        margin = max(2, min(self.width, self.height) // 50)
+        for _ in range(margin):  # erode, so that the point is not on an edge the resize blends
+            core[1:-1, 1:-1] &= core[:-2, 1:-1] & core[2:, 1:-1] & core[1:-1, :-2] & core[1:-1, 2:]
+        ys, xs = np.nonzero(core)
+        cy, cx = np.median(ys), np.median(xs)
+        nearest = np.argmin((ys - cy) ** 2 + (xs - cx) ** 2)
+        return float(xs[nearest]) + 0.5, float(ys[nearest]) + 0.5
+
+
+def make_scene(width: int, height: int, seed: int = 0) -> Scene:
+    """An ellipse, a rectangle and a ring-shaped object on a dark background; sizes relative to the image."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    pixels = np.empty((height, width, 3), np.uint8)
+    pixels[:] = BACKGROUND
+    shift = rng.uniform(-0.03, 0.03, size=2)
+    ellipse = ((xx / width - 0.3 - shift[0]) / 0.18) ** 2 + ((yy / height - 0.35 - shift[1]) / 0.22) ** 2 <= 1
+    rectangle = (xx >= 0.55 * width) & (xx < 0.9 * width) & (yy >= 0.15 * height) & (yy < 0.5 * height)
+    radius = np.hypot(xx / width - 0.6, yy / height - 0.75)
+    ring = (radius >= 0.06) & (radius <= 0.2)
+    objects = []
+    for colour, shape in zip(COLOURS, (ellipse, rectangle, ring)):
+        shape = shape & ~np.any(objects, axis=0) if objects else shape
+        pixels[shape] = colour
+        objects.append(shape)
+    return Scene(pixels=pixels, objects=objects)
+
+
+def encode_png(pixels: np.ndarray, exif_orientation: int | None = None) -> bytes:
+    image = Image.fromarray(pixels)
+    buffer = io.BytesIO()
+    if exif_orientation is None:
+        image.save(buffer, "PNG", compress_level=1)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = exif_orientation
+        image.save(buffer, "PNG", compress_level=1, exif=exif)
+    return buffer.getvalue()
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def captured(name: str) -> dict:
+    """A request body that a real Label Studio 1.23.2 sent (../shared/label-studio)."""
+    return json.loads((SHARED / name).read_text())["json"]
+
+
+def keypoint(x_pct: float, y_pct: float, width: int, height: int, positive: bool = True, label: str = "Thing") -> dict:
+    """A smart keypoint as the Label Studio front end sends it (unrounded percentages)."""
+    return {
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {"x": x_pct, "y": y_pct, "width": 0.2, "labels": [label], "keypointlabels": [label]},
+        "is_positive": positive,
+        "id": f"kp{x_pct:.3f}{y_pct:.3f}",
+        "from_name": "tag2",
+        "to_name": "image",
+        "type": "keypointlabels",
+        "origin": "manual",
+    }
+
+
+def predict_body(image_path: str, points: list[dict] | None, task_id: int = 2) -> dict:
+    """A /predict body shaped like the captured UI click, with this task image and these keypoints."""
+    body = copy.deepcopy(captured("ui-click1-positive-request.json"))
+    body["label_config"] = LABEL_CONFIG
+    body["tasks"][0]["id"] = task_id
+    body["tasks"][0]["data"]["image"] = image_path
+    body["params"]["context"] = None if points is None else {"result": points}
+    return body
+
+
+def click_on(scene: Scene, index: int, positive: bool = True) -> dict:
+    x, y = scene.inside_point(index)
+    return keypoint(100 * x / scene.width, 100 * y / scene.height, scene.width, scene.height, positive)
+
+
+def decode_region(region: dict, width: int, height: int) -> np.ndarray:
+    """The mask of a returned BrushLabels region, decoded by label-studio-converter."""
+    from label_studio_converter.brush import decode_rle
+
+    return decode_rle(region["value"]["rle"]).reshape(height, width, 4)[:, :, 3] > 0
