@@ -10,10 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import socket
-import threading
 import time
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from segnext_backend.model_files import (
     file_sha256,
     missing_model_files,
 )
+from tools.file_server import BytesHandler, start_server
 
 ENCODER_BYTES = b"fake encoder weights " * 1000
 DECODER_BYTES = b"fake decoder weights " * 500
@@ -62,21 +61,13 @@ class FileServer:
         self.request_count = 0
         served = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(BytesHandler):
             def do_GET(self) -> None:
                 served.request_count += 1
                 if self.path == "/slow":
                     self._stall()
                     return
-                body = served.files.get(self.path)
-                if body is None:
-                    self.send_error(404, "File not found")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.answer(served.files.get(self.path))
 
             def _stall(self) -> None:
                 try:
@@ -87,18 +78,10 @@ class FileServer:
                 except OSError:
                     pass  # the client gave up first, which is the point
 
-            def log_message(self, *args) -> None:
-                pass  # keep test output quiet
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(
-            # A short poll interval makes shutdown() return quickly.
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
-        )
-        self._thread.start()
+        self.base_url, self._server = start_server(Handler)
 
     def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}{path}"
+        return self.base_url + path
 
     def serve(self, path: str, body: bytes) -> str:
         """Publish ``body`` at ``path`` and return its full URL."""
@@ -108,7 +91,6 @@ class FileServer:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-        self._thread.join()
 
 
 @pytest.fixture
