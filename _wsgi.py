@@ -15,11 +15,12 @@ import logging
 import sys
 from pathlib import Path
 
-import model
-from api import init_app
-from segnext_backend.engine import ModelInterfaceError, SegNextEngine
 from segnext_backend.model_files import ModelFilesError, ensure_model_files
 from segnext_backend.settings import Settings, SettingsError
+
+# The Label Studio glue and the engine (and with them ONNX Runtime) are imported in the functions that load
+# and serve the models. gunicorn's master imports this module, and a worker forked from a process that has
+# imported onnxruntime aborts when it exits (std::system_error "No such process", then SIGABRT).
 
 logger = logging.getLogger("segnext_backend")
 
@@ -64,6 +65,9 @@ def execution_providers(settings: Settings) -> list[str]:
 
 def load(settings: Settings) -> None:
     """Load the models into this process (once: every request shares them)."""
+    import model
+    from segnext_backend.engine import SegNextEngine
+
     encoder_path, decoder_path = prepare_model_files(settings)
     engine = SegNextEngine(
         encoder_path,
@@ -81,6 +85,9 @@ def load(settings: Settings) -> None:
 
 
 def create_app(settings: Settings):
+    import model
+    from api import init_app
+
     basic_auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
     return init_app(model.SegNextBackend, basic_auth=basic_auth, status=model.runtime_status)
 
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         return health_check(settings)
     configure_logging(settings.log_level)
     logger.info("settings: %s", settings.redacted())
+    from segnext_backend.engine import ModelInterfaceError
+
     try:
         load(settings)
     except (ModelFilesError, ModelInterfaceError, FileNotFoundError) as error:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -53,6 +55,46 @@ def test_gunicorn_without_model_files_exits_with_the_message(tmp_path):
     )
     assert result.returncode != 0
     assert "place encoder.onnx and decoder.onnx in" in result.stderr
+
+
+def test_gunicorn_master_never_imports_onnx_runtime():
+    # A worker forked from a process that has imported onnxruntime aborts when it exits (std::system_error
+    # "No such process", then SIGABRT): the master reads gunicorn.conf.py, so it must stay free of it.
+    probe = "import runpy, sys; runpy.run_path('gunicorn.conf.py'); print('onnxruntime' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_gunicorn_workers_exit_cleanly_on_sigterm(tmp_path, image_server):
+    port = free_port()
+    log = tmp_path / "gunicorn.log"
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"],
+        cwd=ROOT,
+        env=backend_env(tmp_path, DEMO="true", WORKERS="2", PORT=str(port), LABEL_STUDIO_URL=image_server.url),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        scene = make_scene(300, 200, seed=5)
+        path = image_server.add("/data/upload/1/stop.png", encode_png(scene.pixels))
+        deadline = time.monotonic() + 60
+        while True:  # until a worker answers a click (its ONNX Runtime threads have run)
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            try:
+                body = predict_body(path, [click_on(scene, 0)])
+                if requests.post(f"http://127.0.0.1:{port}/predict", json=body, timeout=10).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)  # what `docker stop` sends
+        assert process.wait(40) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log.read_text()
+    assert "Worker exiting" in text
+    assert "SIGABRT" not in text and "terminate called" not in text, text
 
 
 def test_basic_auth_protects_every_route(started_backend):
