@@ -1,11 +1,12 @@
 """Where the time of a click goes, measured side by side in one run, on SegNext-sized models.
 
-    python -m tools.benchmark --models models/bench [--threads 0] [--runs 5]
+    python -m tools.benchmark --models models/bench [--threads 0] [--runs 5] [--device cuda]
 
 Builds the random-weight benchmark models first when they are missing (tools.build_benchmark_models).
 Prints one markdown table (medians) and the machine. Each row is measured in this one process:
 
-- encoder / decoder: `session.run` alone, median of several runs after a warm-up;
+- encoder / decoder: `session.run` alone, median of several runs after a warm-up; and the decoder as the
+  backend runs it (`SegNextEngine.decode`, features bound where they live: on the GPU with `--device cuda`);
 - the HTTP rows go through the real Flask app (`_wsgi.create_app`, `model.build_runtime`) with the test
   client, fetching a 12 MP JPEG from a local http.server that plays Label Studio (LABEL_STUDIO_URL):
   a warm click (features and the prefix's object state cached: one decoder run), the first click after the
@@ -168,7 +169,7 @@ def ensure_models(models: Path) -> tuple[Path, Path]:
     return encoder, decoder
 
 
-def run(models: Path, threads: int, runs: int) -> list[tuple[str, str, str, str]]:
+def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tuple[str, str, str, str]]:
     """Measure everything; return rows (what, median, ratio, target)."""
     import _wsgi
     import model
@@ -178,9 +179,11 @@ def run(models: Path, threads: int, runs: int) -> list[tuple[str, str, str, str]
     from segnext_backend.settings import Settings
 
     encoder_path, decoder_path = ensure_models(models)
+    providers = _wsgi.execution_providers(Settings(device=device))
     t0 = time.perf_counter()
-    engine = SegNextEngine(encoder_path, decoder_path, intra_op_threads=threads)
+    engine = SegNextEngine(encoder_path, decoder_path, intra_op_threads=threads, providers=providers)
     load_s = time.perf_counter() - t0
+    print(f"providers: {', '.join(engine.decoder.get_providers())}; features on {engine.feature_device}", file=sys.stderr)
 
     rng = np.random.default_rng(0)
     image_input = rng.random((1, 3, 1024, 1024), dtype=np.float32)
@@ -193,6 +196,9 @@ def run(models: Path, threads: int, runs: int) -> list[tuple[str, str, str, str]
         "prev_mask": rng.random((1, 1, 1024, 1024), dtype=np.float32),
     }
     decoder_s, decoder_alone = timed(lambda: engine.decoder.run(["mask"], feeds), runs)
+    bound_features = engine.features_from_numpy(features)
+    bound_args = (feeds["point_coords"][0], feeds["point_labels"][0], feeds["prev_mask"][0, 0])
+    bound_decoder_s, _ = timed(lambda: engine.decode(bound_features, *bound_args), runs)
     spy = TimingEngine(engine)
 
     # -- through HTTP, on a 12 MP JPEG served as Label Studio would ----------------------------------------
@@ -299,6 +305,7 @@ def run(models: Path, threads: int, runs: int) -> list[tuple[str, str, str, str]
         ("model load (both sessions)", ms(load_s), "", ""),
         ("encoder, session.run", ms(encoder_s), "", ""),
         ("decoder, session.run (2 clicks)", ms(decoder_s), "1.00 x decoder", ""),
+        ("decoder, features bound on their device (engine.decode)", ms(bound_decoder_s), f"{bound_decoder_s / decoder_s:.3f} x decoder", ""),
         ("warm click, HTTP end to end, 12 MP JPEG", ms(warm_click_s), f"{pair_ratio:.3f} x decoder (paired)", "<= 1.10"),
         ("  of which outside the decoder run", ms(overhead_s), f"{overhead_s / decoder_s:.3f} x decoder", ""),
         ("task open (context null) answer", ms(open_answer_s), "", ""),
@@ -318,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=ROOT / "models" / "bench", help="folder with encoder.onnx and decoder.onnx")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per row (medians)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="as DEVICE: cuda needs onnxruntime-gpu")
     parser.add_argument("--ort-tuning", action="store_true", help="compare ONNX Runtime session options instead")
     parser.add_argument("--tuning-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--level", default="ENABLE_ALL", help=argparse.SUPPRESS)
@@ -331,9 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         tuning(args.models, args.runs)
         return 0
     started = time.perf_counter()
-    rows = run(args.models, args.threads, args.runs)
+    rows = run(args.models, args.threads, args.runs, args.device)
     print(f"machine: {machine()}")
-    print(f"models: {args.models} (random weights, SegNext ViT-B SAx2 size); intra-op threads {args.threads}\n")
+    print(f"models: {args.models} (random weights, SegNext ViT-B SAx2 size); intra-op threads {args.threads}; device {args.device}\n")
     print("| measurement | median | ratio | target |")
     print("| --- | ---: | ---: | --- |")
     for row in rows:
