@@ -4,7 +4,6 @@ tools.scenes, synthetic images with known objects and the request bodies Label S
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import model  # noqa: E402
 from api import init_app  # noqa: E402
 from segnext_backend.engine import SegNextEngine  # noqa: E402
 from segnext_backend.settings import Settings  # noqa: E402
-from tools.file_server import BytesHandler, start_server  # noqa: E402
+from tools.file_server import BytesHandler, free_port, start_server  # noqa: E402
 from tools.scenes import (  # noqa: E402, F401  (the tests import these from here)
     LABEL_CONFIG,
     Scene,
@@ -127,12 +126,6 @@ def make_client(test_model_paths, image_server):
     model.set_runtime(None)
     for runtime in made:
         runtime.segmenter.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def backend_env(tmp_path, **extra) -> dict:

@@ -147,11 +147,9 @@ def test_fetch_stops_at_the_byte_limit(image_server):
 
 
 def test_unreachable_host_is_an_image_error():
-    import socket
+    from tools.file_server import free_port
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens there
     with pytest.raises(ImageUnavailableError, match=f"127.0.0.1:{port}"):
         source(connect_timeout=0.5).fetch(url_ref(f"http://127.0.0.1:{port}/x.png"))
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import socket
 import time
 import zipfile
 from pathlib import Path
@@ -23,7 +22,7 @@ from segnext_backend.model_files import (
     file_sha256,
     missing_model_files,
 )
-from tools.file_server import BytesHandler, start_server
+from tools.file_server import BytesHandler, free_port, start_server
 
 ENCODER_BYTES = b"fake encoder weights " * 1000
 DECODER_BYTES = b"fake decoder weights " * 500
@@ -159,11 +158,7 @@ def test_http_404_explains_manual_install(server, model_dir):
 
 
 def test_unreachable_server_fails_fast_with_manual_install_hint(model_dir):
-    # Bind a port, then free it: nothing is listening there afterwards.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/model.dtmodel"
+    url = f"http://127.0.0.1:{free_port()}/model.dtmodel"  # nothing listens there
 
     started = time.monotonic()
     with pytest.raises(ModelFilesError) as error:

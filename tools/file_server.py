@@ -4,6 +4,7 @@ benchmark and the load test. The tests' image server is built on the same handle
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 
 
@@ -24,6 +25,13 @@ class BytesHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (free when this returns; taken by whoever binds first)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def start_server(handler: type[http.server.BaseHTTPRequestHandler]) -> tuple[str, http.server.ThreadingHTTPServer]:

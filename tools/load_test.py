@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools.file_server import serve_files  # noqa: E402
+from tools.file_server import free_port, serve_files  # noqa: E402
 from tools.scenes import click_on, decode_region, encode_png, iou, make_scene, predict_body  # noqa: E402
 
 
@@ -62,12 +61,6 @@ HEADER = (
     "| annotators | clicks | clicks/s | p50 ms | p95 ms | p99 ms | errors | wrong masks | peak RSS MB |\n"
     "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _peak_rss_mb(pids: list[int]) -> float:
@@ -107,7 +100,7 @@ def run(
             files[path] = encode_png(scene.pixels)
             scenes[path] = scene
     image_url, httpd = serve_files(files)
-    port = _free_port()
+    port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="segnext-load-"))
     env = {
         **os.environ,

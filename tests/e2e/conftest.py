@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from tools.file_server import free_port  # the repository root is on sys.path (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[2]
 LABEL_STUDIO_BIN = os.environ.get("LABEL_STUDIO_BIN", "")
@@ -50,12 +51,6 @@ def step(name: str):
         outcome = "ok"
     finally:
         log(f"{name}: {time.monotonic() - start:.2f} s ({outcome})")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def tail(path: Path, chars: int = 4000) -> str:
