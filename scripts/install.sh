@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Creates (or updates) the virtual environment with the backend's dependencies; with --test, the test
-# dependencies too. Re-running is cheap: nothing is installed when the requirement files have not changed.
+# dependencies too (torch's CPU build among them). Re-running is cheap: nothing is installed when the
+# requirement files of that set have not changed. The serving set and the test set keep stamps of their own,
+# so switching between scripts/serve.sh and scripts/test.sh installs nothing.
 # The Dockerfile runs the same pip commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,11 +10,12 @@ cd "$(dirname "$0")/.."
 venv="${VENV:-.venv}"
 python="${PYTHON:-python3}"
 files=(requirements.txt requirements-no-deps.txt)
+stamp="$venv/.installed-serve"
 if [[ "${1:-}" == "--test" ]]; then
-  files+=(requirements-test.txt)
+  files+=(requirements-test.txt requirements-torch.txt)
+  stamp="$venv/.installed-test"
 fi
 
-stamp="$venv/.installed-requirements"
 wanted="$(cat "${files[@]}" | sha256sum | cut -d' ' -f1)"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$wanted" ]]; then
   exit 0
@@ -25,6 +28,8 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install --quiet --no-deps -r requirements-no-deps.txt
 if [[ "${1:-}" == "--test" ]]; then
   "${pip[@]}" install --quiet -r requirements-test.txt
+  # A call of its own: only torch is looked up on PyTorch's CPU index (requirements-torch.txt).
+  "${pip[@]}" install --quiet -r requirements-torch.txt
 fi
 # Every dependency must be satisfied, except label-studio-ml's own outdated pins (see requirements-no-deps.txt).
 conflicts="$("${pip[@]}" check 2>&1 | grep -v '^label-studio-ml ' | grep -v '^No broken requirements' || true)"

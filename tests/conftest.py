@@ -135,6 +135,24 @@ def backend_env(tmp_path, **extra) -> dict:
     return env
 
 
+READY_DEADLINE_SECONDS = 300  # a loaded 2-core machine can take minutes to load the models in every worker
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
+    """Wait until `url/health` answers (200, or 401 behind basic auth), whatever fails before that (refused,
+    reset, read time-out, a 5xx), up to a deadline; a process that exits meanwhile fails at once with its log."""
+    deadline = time.monotonic() + READY_DEADLINE_SECONDS
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        try:
+            if requests.get(url + "/health", timeout=10).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"the backend was not healthy within {READY_DEADLINE_SECONDS} s: " + log.read_text())
+
+
 @pytest.fixture
 def started_backend(tmp_path):
     processes = []
@@ -156,15 +174,8 @@ def started_backend(tmp_path):
         )
         processes.append(process)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert process.poll() is None, log.read_text()
-            try:
-                requests.get(url + "/health", timeout=2)
-                return url
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise AssertionError("the backend did not listen within 60 s: " + log.read_text())
+        wait_until_healthy(url, process, log)
+        return url
 
     yield start
     for process in processes:

@@ -1,6 +1,6 @@
 """Random-weight SegNext benchmark models: architecture size, ONNX interface and ONNX-vs-PyTorch numerics.
 
-Needs torch (requirements-test.txt has the CPU build); without it this module is skipped.
+Needs torch (requirements-torch.txt, the CPU build, installed by scripts/test.sh); without it this module is skipped.
 """
 
 import sys

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "label-studio"
+CAPTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "label-studio"
 
 BACKGROUND = (20, 20, 20)
 # Flat colours far apart (the test decoder selects pixels within 0.05 of the clicked colour).
@@ -98,8 +98,8 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def captured(name: str) -> dict:
-    """A request body that a real Label Studio 1.23.2 sent (../shared/label-studio)."""
-    return json.loads((SHARED / name).read_text())["json"]
+    """A request body that a real Label Studio 1.23.2 sent (tests/fixtures/label-studio)."""
+    return json.loads((CAPTURES / name).read_text())["json"]
 
 
 def keypoint(x_pct: float, y_pct: float, width: int, height: int, positive: bool = True, label: str = "Thing") -> dict:
