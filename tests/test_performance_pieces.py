@@ -217,7 +217,7 @@ def test_chunked_calibration_gives_onnx_runtimes_ranges(tmp_path):
     onnx.save(onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])), str(path))
     feeds = [{"x": rng.standard_normal((1, 3, 2, 2), dtype=np.float32) * scale} for scale in (1.0, 3.0, 0.5)]
 
-    ours = calibrate_ranges(path, feeds, chunk_bytes=64)  # 64 bytes: one or two tensors per pass
+    ours, _ = calibrate_ranges(path, feeds, chunk_bytes=64)  # 64 bytes: one or two tensors per pass
     calibrator = create_calibrator(
         path, STATIC_OP_TYPES, augmented_model_path=str(tmp_path / "augmented.onnx"), calibrate_method=CalibrationMethod.MinMax
     )
@@ -226,6 +226,34 @@ def test_chunked_calibration_gives_onnx_runtimes_ranges(tmp_path):
     assert set(ours.keys()) == set(theirs.keys()) == {"x", "conv", "relu", "up", "tokens", "fc", "fc_t", "y"}
     for name in theirs.keys():
         np.testing.assert_allclose(np.ravel(ours[name].range_value), np.ravel(theirs[name].range_value), rtol=1e-6, err_msg=name)
+
+
+def test_nodes_reading_a_tensor_dominated_by_a_few_huge_values_stay_float(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tools.quantize import calibrate_ranges, outlier_readers
+
+    rng = np.random.default_rng(3)
+    weight = numpy_helper.from_array(rng.standard_normal((8, 8), dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["spiky", "w"], ["a"], name="reads_spiky"),
+            helper.make_node("MatMul", ["plain", "w"], ["b"], name="reads_plain"),
+        ],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4096, 8]) for n in ("spiky", "plain")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4096, 8]) for n in ("a", "b")],
+        initializer=[weight],
+    )
+    path = tmp_path / "spiky.onnx"
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    onnx.save(model, str(path))
+    spiky, plain = rng.standard_normal((2, 4096, 8), dtype=np.float32)
+    spiky[5, 3] = 1000.0  # one value far above the rest, like a click's token in the residual stream
+    _, peak_to_rms = calibrate_ranges(path, [{"spiky": spiky, "plain": plain}])
+    assert peak_to_rms["spiky"] > 40 > 10 > peak_to_rms["plain"]
+    assert outlier_readers(model, peak_to_rms) == ["reads_spiky"]
 
 
 def test_quantize_refuses_to_overwrite_its_float32_source(shallow_models):

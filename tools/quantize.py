@@ -52,6 +52,7 @@ ROLES = ("encoder", "decoder")
 STATIC_OP_TYPES = ["MatMul", "Conv", "ConvTranspose"]
 DYNAMIC_OP_TYPES = ["MatMul", "Gemm"]
 MSFT_DOMAIN = "com.microsoft"
+OUTLIER_PEAK_TO_RMS = 40.0  # see outlier_readers
 CALIBRATION_CLICKS = 3  # clicks per calibration image for the decoder
 FIRST_EVAL_SEED = 1000  # evaluation images never share a seed with the calibration ones
 
@@ -394,7 +395,8 @@ def _tensors_to_calibrate(model) -> dict[str, int]:
 
 
 def calibrate_ranges(model_path: Path, feeds: list[dict], chunk_bytes: int = 1 << 30, threads: int = 0):
-    """Min/max of every tensor the quantiser needs, over `feeds`, measured a few tensors at a time.
+    """Min/max of every tensor the quantiser needs, over `feeds`, measured a few tensors at a time; and each
+    tensor's largest peak-to-RMS ratio (max |x| / sqrt(mean x^2)) over the feeds.
 
     ONNX Runtime's own calibrator adds a ReduceMin/ReduceMax pair for every tensor to one graph; on SegNext the
     global attentions' 12 x 4096 x 4096 score and probability maps (805 MB each) then stay alive together and
@@ -424,11 +426,12 @@ def calibrate_ranges(model_path: Path, feeds: list[dict], chunk_bytes: int = 1 <
     original_outputs = list(model.graph.output)
     node_count = len(model.graph.node)
     ranges: dict[str, list[float]] = {}
+    peak_to_rms: dict[str, float] = {}
     for chunk in chunks:
         # The reduce nodes are added to the model itself and removed after the pass: no second copy of the weights.
         outputs = []
         for name in chunk:
-            for op in ("ReduceMin", "ReduceMax"):
+            for op in ("ReduceMin", "ReduceMax", "ReduceSumSquare"):
                 out = f"{name}/calibration_{op}"
                 model.graph.node.append(helper.make_node(op, [name], [out], keepdims=0))
                 outputs.append(out)
@@ -442,14 +445,35 @@ def calibrate_ranges(model_path: Path, feeds: list[dict], chunk_bytes: int = 1 <
         model.graph.output.extend(original_outputs)
         for feed in feeds:
             values = session.run(outputs, feed)
-            for name, low, high in zip(chunk, values[0::2], values[1::2]):
+            for name, low, high, sum_square in zip(chunk, values[0::3], values[1::3], values[2::3]):
                 seen = ranges.setdefault(name, [float(low), float(high)])
                 seen[0], seen[1] = min(seen[0], float(low)), max(seen[1], float(high))
+                if tensors[name] and sum_square > 0:
+                    rms = float(np.sqrt(float(sum_square) / (tensors[name] // 4)))
+                    ratio = max(abs(float(low)), abs(float(high))) / rms
+                    peak_to_rms[name] = max(peak_to_rms.get(name, 0.0), ratio)
         del session
-    return TensorsData(
-        CalibrationMethod.MinMax,
-        {name: TensorData(lowest=np.array([low], np.float32), highest=np.array([high], np.float32)) for name, (low, high) in ranges.items()},
-    )
+    data = {
+        name: TensorData(lowest=np.array([low], np.float32), highest=np.array([high], np.float32))
+        for name, (low, high) in ranges.items()
+    }
+    return TensorsData(CalibrationMethod.MinMax, data), peak_to_rms
+
+
+def outlier_readers(model, peak_to_rms: dict[str, float], limit: float = OUTLIER_PEAK_TO_RMS) -> list[str]:
+    """Names of the quantisable nodes that read an activation whose peak is more than `limit` times its RMS.
+
+    One uint8 scale per tensor spans the peak: with a peak 100x the RMS, typical values get 1-3 of the 256
+    steps. SegNext's neck reads the transformer's residual stream, where a few tokens (a click's, or a
+    ViT's known massive activations) dwarf the rest; such nodes stay float32.
+    """
+    outliers = {name for name, ratio in peak_to_rms.items() if ratio > limit}
+    constants = {init.name for init in model.graph.initializer}
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type in STATIC_OP_TYPES and any(n in outliers and n not in constants for n in node.input)
+    ]
 
 
 def first_convs(model) -> list[str]:
@@ -471,15 +495,19 @@ def first_convs(model) -> list[str]:
     return found
 
 
-def _quantize_static(source: Path, target: Path, feeds: list[dict], scratch: Path, threads: int = 0) -> None:
+def _quantize_static(source: Path, target: Path, feeds: list[dict], scratch: Path, threads: int = 0, log=print) -> None:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
     import onnx
 
-    embeddings = first_convs(onnx.load(str(source), load_external_data=False))
+    graph_only = onnx.load(str(source), load_external_data=False)
+    ranges, peak_to_rms = calibrate_ranges(source, feeds, threads=threads)
+    kept_float = list(dict.fromkeys(first_convs(graph_only) + outlier_readers(graph_only, peak_to_rms)))
+    log(f"{target.stem}: kept float32: {', '.join(kept_float) or 'nothing'}; highest peak/RMS: "
+        + ", ".join(f"{name} {ratio:.0f}" for name, ratio in sorted(peak_to_rms.items(), key=lambda kv: -kv[1])[:4]))
     ranges_path = scratch / f"{target.stem}.ranges.json"
-    save_tensors_data(calibrate_ranges(source, feeds, threads=threads), ranges_path)
+    save_tensors_data(ranges, ranges_path)
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         quantize_static(
@@ -492,7 +520,7 @@ def _quantize_static(source: Path, target: Path, feeds: list[dict], scratch: Pat
             # uint8 activations x int8 weights: the combination the x86 VNNI kernels run fastest.
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=embeddings,
+            nodes_to_exclude=kept_float,
             calibration_cache_path=ranges_path,
         )
         tmp.replace(target)
@@ -554,7 +582,7 @@ def build_variant(
                 del model
                 source = prepared
             if static:
-                _quantize_static(source, target, feeds[role], Path(scratch), threads)
+                _quantize_static(source, target, feeds[role], Path(scratch), threads, log)
             elif recipe == "int8-dynamic":
                 _quantize_dynamic(source, target)
             log(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - started:.0f} s)")
