@@ -181,17 +181,17 @@ def test_a_hung_redis_costs_a_click_one_time_out_then_is_skipped_and_rejoined(te
 
     redis_server.pause()
     try:
-        started = time.monotonic()
+        in_redis = store.stats.seconds
         second = process.predict("img", clicks[:2], scene)
-        first_slow_click = time.monotonic() - started
+        in_redis = store.stats.seconds - in_redis
         assert iou(second.object_mask.mask, scene.objects[0] | scene.objects[1]) >= 0.98
         assert not store.available and store.stats.errors == 1
         # While Redis is left alone, a click does not touch it at all.
         errors = store.stats.errors
         process.predict("img", clicks, scene)
         assert store.stats.errors == errors
-        # One time-out (0.3 s) for the failed call, not one per call or a stalled click.
-        assert first_slow_click < 0.3 * 3 + 5, first_slow_click
+        # One time-out (0.3 s) for the one failed call: not a retry, not one per call, not a stalled click.
+        assert 0.3 <= in_redis < 0.3 * 3, in_redis
     finally:
         redis_server.resume()
     deadline = time.monotonic() + 30
