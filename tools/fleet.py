@@ -199,7 +199,7 @@ class Backend:
         _stop(self.process)
 
     def kill(self) -> None:
-        """SIGKILL to gunicorn's master and its worker: the process group dies at once, mid-run."""
+        """SIGKILL to gunicorn's master and its workers: the replica dies at once, with no chance to clean up."""
         for pid in [self.process.pid] + children(self.process.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -242,13 +242,6 @@ class Fleet:
             self.stop()
             raise
         return self
-
-    def pids(self) -> list[int]:
-        pids = []
-        for backend in self.backends:
-            if backend.process.poll() is None:
-                pids += [backend.process.pid] + children(backend.process.pid)
-        return pids
 
     def stop(self) -> None:
         if self.nginx:
