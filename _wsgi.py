@@ -42,9 +42,9 @@ def configure_logging(level: str) -> None:
 def prepare_model_files(settings: Settings) -> tuple[Path, Path]:
     """Where the encoder and decoder are, downloading them (or building the demo ones) first if needed."""
     if settings.demo:
-        from tools.test_models import build_test_models
+        from segnext_backend.demo_models import build_demo_models
 
-        return build_test_models(settings.model_dir / "demo")
+        return build_demo_models(settings.model_dir / "demo")
     ensure_model_files(settings.model_dir, settings.model_url, settings.model_sha256)
     return settings.model_dir / "encoder.onnx", settings.model_dir / "decoder.onnx"
 
