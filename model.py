@@ -260,7 +260,10 @@ class SegNextBackend(LabelStudioMLBase):
             # but the first click will need the image's features, and the encoder is slow.
             for task in tasks:
                 self._encode_in_background(runtime, task)
-            return []
+            # One empty list of predictions per task: Label Studio stores nothing and logs nothing. (`[]` makes
+            # it log an error for every task opened; an empty prediction would be shown to the annotators and
+            # stop Label Studio from asking again when the task is next opened.)
+            return [[] for _ in tasks]
 
         if len(tasks) != 1:
             raise RequestError(f"an interactive request must carry one task, got {len(tasks)}")
