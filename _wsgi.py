@@ -3,7 +3,7 @@
     python _wsgi.py --host 0.0.0.0 --port 9090      # Flask's threaded server, one process
     label-studio-ml start . -p 9090                 # the same, as label-studio-ml starts a backend
     gunicorn -c gunicorn.conf.py                    # production: WORKERS processes x THREADS threads
-    gunicorn --preload _wsgi:app                    # label-studio-ml's Docker command: each worker loads on first use
+    gunicorn --preload _wsgi:app                    # label-studio-ml's Docker command: workers load on first use
 
 Every setting comes from the environment (see the README); label-studio-ml's command-line flags (-p/--port,
 --host, --basic-auth-user, --basic-auth-pass, --log-level, --model-dir) override their variables.
@@ -161,7 +161,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "log_level": args.log_level,
         "model_dir": args.model_dir,
     }
-    return dataclasses.replace(Settings.from_env(), **{name: value for name, value in flags.items() if value is not None})
+    given = {name: value for name, value in flags.items() if value is not None}
+    return dataclasses.replace(Settings.from_env(), **given)
 
 
 def main(argv: list[str] | None = None) -> int:
