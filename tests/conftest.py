@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import model  # noqa: E402
 from api import init_app  # noqa: E402
+from segnext_backend.demo_models import build_demo_models  # noqa: E402
 from segnext_backend.engine import SegNextEngine  # noqa: E402
 from segnext_backend.settings import Settings  # noqa: E402
 from tools.file_server import BytesHandler, free_port, start_server  # noqa: E402
@@ -34,7 +35,6 @@ from tools.scenes import (  # noqa: E402, F401  (the tests import these from her
     make_scene,
     predict_body,
 )
-from segnext_backend.demo_models import build_demo_models  # noqa: E402
 
 
 @dataclass
