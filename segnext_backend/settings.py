@@ -143,8 +143,9 @@ class Settings:
         if device not in ("cpu", "cuda"):
             raise SettingsError(f"DEVICE={device!r} must be cpu or cuda")
         return cls(
-            label_studio_url=text("LABEL_STUDIO_URL", "").rstrip("/"),
-            label_studio_api_key=text("LABEL_STUDIO_API_KEY", ""),
+            # LABEL_STUDIO_HOST and LABEL_STUDIO_ACCESS_TOKEN: the names label-studio-ml's examples use.
+            label_studio_url=(text("LABEL_STUDIO_URL", "") or text("LABEL_STUDIO_HOST", "")).rstrip("/"),
+            label_studio_api_key=text("LABEL_STUDIO_API_KEY", "") or text("LABEL_STUDIO_ACCESS_TOKEN", ""),
             local_files_document_root=text("LOCAL_FILES_DOCUMENT_ROOT", ""),
             allow_private_image_hosts=flag("ALLOW_PRIVATE_IMAGE_HOSTS", defaults.allow_private_image_hosts),
             basic_auth_user=text("BASIC_AUTH_USER", ""),

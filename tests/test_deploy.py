@@ -119,3 +119,23 @@ def test_health_check_command(tmp_path):
         env={"PORT": "1", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 1 and "unhealthy" in result.stderr
+
+
+def requirement_lines(name: str) -> list[str]:
+    lines = (ROOT / name).read_text().splitlines()
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+
+
+def test_the_label_studio_ml_ranges_hold_every_pinned_runtime_dependency():
+    from packaging.requirements import Requirement
+
+    ranges = {Requirement(line).name.lower(): Requirement(line).specifier for line in requirement_lines(
+        "requirements-label-studio-ml.txt")}
+    pins = {Requirement(line).name.lower(): str(next(iter(Requirement(line).specifier)).version)
+            for line in requirement_lines("requirements.txt")}
+    # What label-studio-ml 1.0.9 imports comes with label-studio-ml 2.x itself.
+    label_studio_ml_own = {"label-studio-tools", "lxml", "appdirs", "attrs", "colorama", "redis", "rq"}
+    assert set(ranges) == set(pins) - label_studio_ml_own
+    for name, specifier in ranges.items():
+        assert specifier.contains(pins[name]), f"requirements.txt pins {name}=={pins[name]}, outside {specifier}"
+    assert ranges["numpy"].contains("2.2.6")  # what resolves beside label-studio-sdk 2.1.2 (needs numpy<2.3)
