@@ -79,7 +79,8 @@ class Settings:
     # shared by worker processes. Empty: off. Kept under feature_disk_cache_bytes, least recently used out first.
     feature_disk_cache_dir: str = ""
     feature_disk_cache_bytes: int = 4096 * MIB
-    # "cpu", or "cuda" for ONNX Runtime's CUDA execution provider (needs onnxruntime-gpu; falls back to CPU).
+    # "cpu"; "cuda": ONNX Runtime's CUDA execution provider or refuse to start; "auto": the GPU when it works,
+    # else the CPU with a warning (segnext_backend/device.py).
     device: str = "cpu"
     # How many decoder runs may go at once; the rest wait their turn (each holds ~1 GB on SegNext).
     max_concurrent_decodes: int = 1
@@ -119,8 +120,8 @@ class Settings:
         if not 0.0 < threshold < 1.0:
             raise SettingsError(f"MASK_THRESHOLD={threshold} must be between 0 and 1")
         device = text("DEVICE", defaults.device).lower()
-        if device not in ("cpu", "cuda"):
-            raise SettingsError(f"DEVICE={device!r} must be cpu or cuda")
+        if device not in ("cpu", "cuda", "auto"):
+            raise SettingsError(f"DEVICE={device!r} must be cpu, cuda or auto")
         return cls(
             label_studio_url=text("LABEL_STUDIO_URL", "").rstrip("/"),
             label_studio_api_key=text("LABEL_STUDIO_API_KEY", ""),
