@@ -48,6 +48,10 @@ class Settings:
     model_dir: Path = Path("models")
     model_url: str = DEFAULT_MODEL_URL
     model_sha256: str = DEFAULT_MODEL_SHA256
+    # Under gunicorn, a failed model download is tried again after this many seconds, then after twice as long
+    # each time, at most the maximum: the server waits instead of exiting into a restart loop. 0: exit at once.
+    model_download_retry_seconds: float = 60.0
+    model_download_retry_max_seconds: float = 3600.0
     # Serve the project's colour-region test models instead of SegNext (for trying the backend out).
     demo: bool = False
     # A pixel is in the mask where the predicted probability is at least this.
@@ -136,6 +140,12 @@ class Settings:
             model_dir=Path(text("MODEL_DIR", str(defaults.model_dir))),
             model_url=text("MODEL_URL", defaults.model_url),
             model_sha256=text("MODEL_SHA256", defaults.model_sha256).lower(),
+            model_download_retry_seconds=number(
+                "MODEL_DOWNLOAD_RETRY_SECONDS", defaults.model_download_retry_seconds, float, 0.0
+            ),
+            model_download_retry_max_seconds=number(
+                "MODEL_DOWNLOAD_RETRY_MAX_SECONDS", defaults.model_download_retry_max_seconds, float, 0.0
+            ),
             demo=flag("DEMO", defaults.demo),
             mask_threshold=threshold,
             feature_cache_bytes=number("FEATURE_CACHE_BYTES", defaults.feature_cache_bytes, int, 0),

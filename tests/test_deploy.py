@@ -54,7 +54,7 @@ def test_compose_wires_label_studio_and_the_backend():
     assert "9090:9090" in backend["ports"] and "label-studio" in backend["depends_on"]
     assert "--health-check" in backend["healthcheck"]["test"]
     gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]["segnext-backend"]
-    assert gpu["build"]["args"]["DEVICE"] == "cuda" and gpu["environment"]["DEVICE"] == "cuda"
+    assert gpu["build"]["args"]["DEVICE"] == "auto" and gpu["environment"]["DEVICE"] == "${DEVICE:-auto}"
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
     # The README names what the compose file does.
     for name in ("docker compose", "http://segnext-backend:9090", "docker-compose.gpu.yml"):
