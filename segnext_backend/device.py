@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper
 
+from .settings import DEVICES
+
 logger = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-DEVICES = ("cpu", "cuda", "auto")
 _ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # preload_dlls colours its warnings
 
 _GPU_INSTALL_HINT = (

@@ -18,6 +18,7 @@ DEFAULT_MODEL_URL = (
 DEFAULT_MODEL_SHA256 = "87936f12f815e05c6f601be5e46d69ce2e52c788ae2c26ec7e3db39d33780857"
 
 MIB = 1024 * 1024
+DEVICES = ("cpu", "cuda", "auto")  # segnext_backend/device.py says what each means
 
 
 class SettingsError(ValueError):
@@ -124,8 +125,8 @@ class Settings:
         if not 0.0 < threshold < 1.0:
             raise SettingsError(f"MASK_THRESHOLD={threshold} must be between 0 and 1")
         device = text("DEVICE", defaults.device).lower()
-        if device not in ("cpu", "cuda", "auto"):
-            raise SettingsError(f"DEVICE={device!r} must be cpu, cuda or auto")
+        if device not in DEVICES:
+            raise SettingsError(f"DEVICE={device!r} must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}")
         return cls(
             label_studio_url=text("LABEL_STUDIO_URL", "").rstrip("/"),
             label_studio_api_key=text("LABEL_STUDIO_API_KEY", ""),
