@@ -109,6 +109,8 @@ def preload_cuda_libraries(ort) -> list[str]:
             failed.append(Path(line.removeprefix("Failed to load ").split(":", 1)[0]).name)
         elif line.startswith("Failed to"):
             failed.append(line)
+    if not failed:
+        logger.info("onnxruntime.preload_dlls(): no CUDA or cuDNN library failed to load")
     return failed
 
 
@@ -174,6 +176,8 @@ def provider_library_problem(ort) -> str | None:
     try:
         ctypes.CDLL(str(libraries[0]))  # loaded as ONNX Runtime loads it (symbols resolved now)
     except OSError as error:
+        if "libcuda.so" in str(error):  # the driver's own library: driver_problem names it
+            return None
         return f"ONNX Runtime's CUDA provider library does not load ({error}): {_GPU_INSTALL_HINT}"
     return None
 

@@ -159,3 +159,26 @@ def test_the_driver_check_on_a_machine_without_a_driver():
     if ctypes.util.find_library("cuda"):
         pytest.skip("this machine has an NVIDIA driver")
     assert device.driver_problem().startswith("no NVIDIA driver (libcuda.so.1")
+
+
+def test_the_provider_library_check_names_a_missing_cuda_library_but_leaves_the_driver_to_the_driver_check(
+    tmp_path, monkeypatch
+):
+    capi = tmp_path / "onnxruntime" / "capi"
+    capi.mkdir(parents=True)
+    (capi / "libonnxruntime_providers_cuda.so").write_bytes(b"")
+    fake = FakeOnnxRuntime(**GPU_BUILD_NO_GPU)
+    fake.__file__ = str(tmp_path / "onnxruntime" / "__init__.py")
+    loader_says = {}
+
+    def cdll(path):
+        assert path == str(capi / "libonnxruntime_providers_cuda.so")
+        raise OSError(loader_says["error"])
+
+    monkeypatch.setattr(device.ctypes, "CDLL", cdll)
+    loader_says["error"] = "libcublasLt.so.13: cannot open shared object file: No such file or directory"
+    problem = device.provider_library_problem(fake)
+    assert "libcublasLt.so.13: cannot open shared object file" in problem and "requirements-gpu.txt" in problem
+    # The GPU image without --gpus: every CUDA library is there but the driver's; no advice to reinstall.
+    loader_says["error"] = "libcuda.so.1: cannot open shared object file: No such file or directory"
+    assert device.provider_library_problem(fake) is None
