@@ -114,7 +114,7 @@ def ensure_model_files(
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        raise ModelFilesError(_not_writable_message(model_dir, missing, exc)) from exc
+        raise ModelFilesError(_not_writable_message(model_dir, missing, url, exc)) from exc
     try:
         actual_sha256 = _download(url, zip_path, model_dir, timeout=timeout, progress=progress)
         if sha256 and actual_sha256 != sha256.strip().lower():
@@ -132,7 +132,7 @@ def ensure_model_files(
         zip_path.unlink(missing_ok=True)
 
 
-def _not_writable_message(model_dir: Path, missing: list[str], exc: OSError) -> str:
+def _not_writable_message(model_dir: Path, missing: list[str], url: str, exc: OSError) -> str:
     """Who needs write access to the model folder (e.g. a root-owned Docker bind mount), and the alternative."""
     uid, gid = getattr(os, "getuid", lambda: "?")(), getattr(os, "getgid", lambda: "?")()
     return (
@@ -141,7 +141,7 @@ def _not_writable_message(model_dir: Path, missing: list[str], exc: OSError) -> 
         f"(uid {uid}, gid {gid}) cannot write there. "
         f"Give uid {uid} write access to it (for a Docker bind mount: `chown -R {uid} <host folder>`), or put "
         "encoder.onnx and decoder.onnx there yourself: read-only files are fine once both are present. "
-        f"{_manual_install_hint(DEFAULT_MODEL_URL, model_dir)}"
+        f"{_manual_install_hint(url, model_dir)}"
     )
 
 
