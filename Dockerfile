@@ -24,8 +24,8 @@ RUN useradd --create-home --uid 1000 segnext \
 # The same install steps as scripts/install.sh (which tests/test_deploy.py runs in a clean virtual environment).
 COPY requirements.txt requirements-no-deps.txt requirements-gpu.txt ./
 COPY scripts/install.sh scripts/install.sh
-RUN case "$DEVICE" in cpu|cuda|auto) ;; *) echo "DEVICE=$DEVICE: use cpu, cuda or auto" >&2; exit 1;; esac \
-    && bash scripts/install.sh \
+RUN case "$DEVICE" in cpu|cuda|auto) ;; *) echo "DEVICE=$DEVICE: use cpu, cuda or auto" >&2; exit 1;; esac
+RUN bash scripts/install.sh \
     && if [ "$DEVICE" != "cpu" ]; then \
          /opt/venv/bin/pip uninstall --yes onnxruntime \
          && /opt/venv/bin/pip install -r requirements-gpu.txt; \
