@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, backend_env, click_on, decode_region, encode_png, free_port, iou, make_scene, predict_body
-from conftest import wait_until_healthy
+from conftest import (
+    ROOT, backend_env, click_on, decode_region, encode_png, free_port, iou, make_scene, predict_body, wait_until_healthy,
+)
 
 from segnext_backend import device
 

@@ -12,8 +12,9 @@ import zipfile
 from pathlib import Path
 
 import requests
-from conftest import ROOT, backend_env, click_on, decode_region, encode_png, free_port, iou, make_scene, predict_body
-from conftest import wait_until_healthy
+from conftest import (
+    ROOT, backend_env, click_on, decode_region, encode_png, free_port, iou, make_scene, predict_body, wait_until_healthy,
+)
 
 from tools.file_server import BytesHandler, start_server
 
