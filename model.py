@@ -10,6 +10,7 @@ level: label-studio-ml builds a new `SegNextBackend` for every request.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import uuid
@@ -23,6 +24,7 @@ from segnext_backend.images import ImageFetchConfig, ImageSource
 from segnext_backend.masks import mask_to_rle
 from segnext_backend.model_files import file_sha256
 from segnext_backend.segmenter import Click, InteractiveSegmenter
+from segnext_backend.shared_store import SharedStore
 from segnext_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,20 @@ def build_runtime(settings: Settings, engine) -> Runtime:
             read_timeout=settings.image_read_timeout,
         )
     )
+    digests = {role: file_sha256(Path(info.path)) for role, info in engine.files.items()}
+    shared_store = None
+    if settings.redis_url:
+        # Values computed by other model files must never be read: the namespace is the files' digests.
+        namespace = hashlib.sha256((digests["encoder"] + digests["decoder"]).encode()).hexdigest()[:20]
+        shared_store = SharedStore(
+            settings.redis_url,
+            namespace=namespace,
+            ttl_seconds=settings.redis_ttl_seconds,
+            socket_timeout=settings.redis_socket_timeout,
+            retry_seconds=settings.redis_retry_seconds,
+        )
+        if shared_store.check():
+            logger.info("sharing features and click states through Redis at %s", shared_store.url)
     segmenter = InteractiveSegmenter(
         engine,
         # The segmenter's image key is an ImageRef: the image source knows how to fetch it.
@@ -70,9 +86,9 @@ def build_runtime(settings: Settings, engine) -> Runtime:
         max_clicks=settings.max_clicks,
         feature_disk_cache_dir=settings.feature_disk_cache_dir or None,
         feature_disk_cache_bytes=settings.feature_disk_cache_bytes,
+        shared_store=shared_store,
     )
     version = DEMO_VERSION if engine.is_test_model else SEGNEXT_VERSION
-    digests = {role: file_sha256(Path(info.path)) for role, info in engine.files.items()}
     return Runtime(
         settings=settings, image_source=image_source, segmenter=segmenter, model_version=version, model_sha256=digests
     )
@@ -95,6 +111,8 @@ def runtime_status() -> dict:
     """For /health and /metrics: which models are loaded, and how the caches are doing."""
     runtime = get_runtime()
     segmenter = runtime.segmenter
+    shared = segmenter.shared_store
+    shared_status = shared.status() if shared is not None else {"configured": False}
     return {
         "model_version": runtime.model_version,
         "demo": segmenter.engine.is_test_model,
@@ -107,6 +125,26 @@ def runtime_status() -> dict:
         "download_cache": asdict(runtime.image_source.downloads.stats()),
         "feature_cache": asdict(segmenter.feature_cache.stats()),
         "object_state_cache": asdict(segmenter.object_states.stats()),
+        # This process's totals: summed over the fleet they show each image encoded once, each click decoded once.
+        "encoder_runs": segmenter.engine.encoder_runs,
+        "decoder_runs": segmenter.engine.decoder_runs,
+        "hits": {
+            "features": {
+                "memory": segmenter.feature_cache.stats().hits,
+                "redis": shared_status.get("feature_hits", 0),
+                "disk": segmenter.disk_cache_hits,
+            },
+            "object_states": {
+                "memory": segmenter.object_states.stats().hits,
+                "redis": shared_status.get("state_hits", 0),
+            },
+        },
+        "redis": shared_status,
+        "warnings": (
+            [f"Redis unavailable ({shared_status['error']}): clicks are served from this process's caches alone"]
+            if shared_status.get("configured") and not shared_status["available"]
+            else []
+        ),
     }
 
 
@@ -279,7 +317,11 @@ class SegNextBackend(LabelStudioMLBase):
             len(obj.clicks),
             prediction.image_width,
             prediction.image_height,
-            "cached" if prediction.timings.feature_cache_hit else "computed",
+            "cached"
+            if prediction.timings.feature_cache_hit
+            else "from Redis"
+            if prediction.timings.shared_cache_hit
+            else "computed",
             prediction.timings.encoder_ms,
             prediction.timings.decoder_runs,
             prediction.timings.decoder_ms,

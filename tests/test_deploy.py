@@ -8,8 +8,12 @@ import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 from conftest import ROOT
+
+from tools.file_server import free_port
+from tools.fleet import find_binary, render_nginx_conf
 
 README = (ROOT / "README.md").read_text()
 
@@ -59,6 +63,30 @@ def test_compose_wires_label_studio_and_the_backend():
     # The README names what the compose file does.
     for name in ("docker compose", "http://segnext-backend:9090", "docker-compose.gpu.yml"):
         assert name in README
+
+
+def test_scale_compose_puts_replicas_sharing_redis_behind_nginx():
+    compose = yaml.safe_load((ROOT / "docker-compose.scale.yml").read_text())
+    services = compose["services"]
+    redis, backend, nginx = services["redis"], services["segnext-backend"], services["nginx"]
+    assert redis["image"].startswith("redis:") and nginx["image"].startswith("nginx:")  # official images
+    # A bounded memory budget with LRU eviction, and nothing written to disk.
+    assert "--maxmemory-policy allkeys-lru" in redis["command"] and "--maxmemory " in redis["command"]
+    assert backend["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    assert "ports" not in backend  # replicas are reached through nginx only, so --scale does not clash
+    assert "./deploy/nginx.conf:/etc/nginx/conf.d/default.conf:ro" in nginx["volumes"]
+    assert "9090:9090" in nginx["ports"]
+    assert "server segnext-backend:9090;" in (ROOT / "deploy" / "nginx.conf").read_text()
+    for name in ("docker-compose.scale.yml", "--scale segnext-backend=", "http://nginx:9090", "## Scaling out"):
+        assert name in README
+
+
+@pytest.mark.skipif(find_binary("nginx") is None, reason="nginx is not installed (apt-get install nginx)")
+def test_the_shipped_nginx_config_is_valid(tmp_path):
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render_nginx_conf([free_port(), free_port()], free_port(), tmp_path))
+    result = subprocess.run([find_binary("nginx"), "-t", "-p", str(tmp_path), "-c", str(conf)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_readme_documents_every_setting():
