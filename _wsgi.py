@@ -63,8 +63,9 @@ def execution_providers(settings: Settings) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def load(settings: Settings) -> None:
-    """Load the models into this process (once: every request shares them)."""
+def load_runtime(settings: Settings):
+    """The engine, image source and segmenter that these settings make (`model.Runtime`); tools.evaluate
+    measures the backend through this same path."""
     import model
     from segnext_backend.engine import SegNextEngine
 
@@ -80,8 +81,16 @@ def load(settings: Settings) -> None:
     )
     if engine.is_test_model:
         logger.warning(DEMO_BANNER)
-    model.set_runtime(model.build_runtime(settings, engine))
-    logger.info("models loaded from %s and %s (%s)", encoder_path, decoder_path, model.get_runtime().model_version)
+    runtime = model.build_runtime(settings, engine)
+    logger.info("models loaded from %s and %s (%s)", encoder_path, decoder_path, runtime.model_version)
+    return runtime
+
+
+def load(settings: Settings) -> None:
+    """Load the models into this process (once: every request shares them)."""
+    import model
+
+    model.set_runtime(load_runtime(settings))
 
 
 def create_app(settings: Settings):
