@@ -275,6 +275,34 @@ def test_the_mask_threshold_setting_is_measured(models, tmp_path, clean_env, mon
     assert read_outputs(out)[0]["miou"] == [0.0] * 20
 
 
+def test_each_image_is_encoded_once_and_each_click_is_one_decoder_run_whatever_the_cache_settings(
+    models, tmp_path, clean_env, monkeypatch, capsys
+):
+    # Caches set to nothing would encode the image again for every click and replay every click's prefix.
+    images, masks = write_folder_dataset(tmp_path / "data")
+    monkeypatch.setenv("FEATURE_CACHE_BYTES", "0")
+    monkeypatch.setenv("OBJECT_STATE_CACHE_BYTES", "0")
+    out = tmp_path / "out"
+    assert evaluate.main(["--models", str(models), "--images", str(images), "--masks", str(masks), "--out", str(out), "--no-progress", "--limit", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "1 image encoded" in printed and "40 decoder runs for 40 clicks" in printed, printed
+    assert read_outputs(out)[0] == expected_summary(EXPECTED_IOUS[:2], EXPECTED_NOC[:2])
+
+
+def test_a_run_that_fails_while_writing_leaves_nothing_behind(models, tmp_path, clean_env, monkeypatch):
+    images, masks = write_folder_dataset(tmp_path / "data")
+
+    def broken_plot(path, results):
+        path.write_bytes(b"half a PNG")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(evaluate, "write_plot", broken_plot)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        evaluate.main(["--models", str(models), "--images", str(images), "--masks", str(masks), "--out", str(out), "--no-progress", "--limit", "1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no OUT_DIR, no temporary folder
+
+
 # -- bad input --------------------------------------------------------------------------------------------
 
 

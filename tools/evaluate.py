@@ -87,13 +87,8 @@ def read_dataset(args) -> list[DatasetObject]:
         described = f"{args.ls_export}"
     if not objects:
         raise DatasetError(f"{described} holds no objects to evaluate")
-    if args.limit is not None:
-        objects = objects[: args.limit]
-    # Objects of one image one after another: its features are computed once and reused by all of them.
-    first_seen: dict[str, int] = {}
-    for obj in objects:
-        first_seen.setdefault(str(obj.location), len(first_seen))
-    return sorted(objects, key=lambda obj: first_seen[str(obj.location)])
+    # Every reader lists an image's objects one after another: its features are computed once for them all.
+    return objects[: args.limit] if args.limit is not None else objects
 
 
 # -- the model --------------------------------------------------------------------------------------------
@@ -299,7 +294,8 @@ def format_table(results: list[ModelResult]) -> str:
 
 def format_costs(result: ModelResult) -> str:
     clicks = result.ious.size
-    parts = [f"{result.models} ({result.model_version}): {result.images_encoded} images encoded"]
+    encoded = result.images_encoded
+    parts = [f"{result.models} ({result.model_version}): {encoded} image{'' if encoded == 1 else 's'} encoded"]
     if result.images_encoded:
         parts.append(f"{result.encoder_s / result.images_encoded:.2f} s each")
     parts.append(f"{result.decoder_runs} decoder runs for {clicks} clicks")
