@@ -427,6 +427,18 @@ def test_the_brush_rle_decoder_matches_label_studio_converter():
         np.testing.assert_array_equal(decode_brush_rle(rle), decode_rle(rle))
 
 
+def test_the_image_field_of_an_export(tmp_path):
+    export = tmp_path / "export.json"
+    (tmp_path / "x.png").write_bytes(encode_png(SCENES["b_twin"][0]))
+    export.write_text(json.dumps([{"id": 6, "data": {"photo": "/data/upload/1/x.png", "caption": "a twin"},
+                                   "annotations": [{"result": [ls_result("r", mask=TWIN_OBJECT)]}]}]))
+    with pytest.raises(DatasetError, match="task 6: which data field is the image .caption, photo.. Say it with --image-field"):
+        read_label_studio_export(export, tmp_path)
+    (obj,) = read_label_studio_export(export, tmp_path, image_field="photo")
+    assert obj.location.path == tmp_path / "x.png"
+    np.testing.assert_array_equal(obj.load().object_mask, TWIN_OBJECT)
+
+
 def test_a_truncated_brush_rle_is_a_clear_error(tmp_path):
     rle = mask_to_rle(SOLID)
     export = tmp_path / "export.json"

@@ -178,8 +178,8 @@ def _polygon_mask(polygons: Sequence[Sequence[float]], width: int, height: int) 
 
 def _bit_string(rle: Sequence[int]) -> str:
     values = np.asarray(rle)
-    if values.ndim != 1 or values.size < 6 or not np.issubdtype(values.dtype, np.integer) or values.min() < 0 or values.max() > 255:
-        raise ValueError("a brush RLE is a list of bytes (integers 0-255) with at least its 6-byte header")
+    if values.ndim != 1 or values.size < 7 or not np.issubdtype(values.dtype, np.integer) or values.min() < 0 or values.max() > 255:
+        raise ValueError("a brush RLE is a list of bytes (integers 0-255), at least its 7-byte header")
     return (np.unpackbits(values.astype(np.uint8)) + ord("0")).tobytes().decode("ascii")
 
 

@@ -149,7 +149,7 @@ def evaluate_models(models: Path, objects: list[DatasetObject], base_settings: S
                     )
                 except RequestError as error:
                     raise EvaluationError(f"{obj.source}: {error}") from None
-        rows = []
+        rows, noc90s = [], []
         started = time.perf_counter()
         with tqdm(total=len(objects), desc=str(models), unit="object", file=sys.stderr, disable=not progress) as bar:
             for obj in objects:
@@ -183,8 +183,9 @@ def evaluate_models(models: Path, objects: list[DatasetObject], base_settings: S
                 except RequestError as error:  # the image could not be fetched or decoded
                     raise EvaluationError(f"{obj.source}: image {obj.location}: {error}") from None
                 result.objects.append(obj)
+                noc90s.append(number_of_clicks(rows[-1], 0.90))
                 bar.update(1)
-                bar.set_postfix(noc90=f"{np.mean([number_of_clicks(r, 0.90) for r in rows]):.2f}")
+                bar.set_postfix(noc90=f"{np.mean(noc90s):.2f}")
         result.wall_s = time.perf_counter() - started
     finally:
         segmenter.shutdown()
