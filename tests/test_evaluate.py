@@ -401,6 +401,11 @@ def test_bad_export_and_coco_files(models, tmp_path, clean_env, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_masks_and_coco_need_the_images_folder(tmp_path, clean_env, capsys):
+    fails(["--models", tmp_path, "--masks", tmp_path, "--out", tmp_path / "o"], capsys, "--masks needs --images")
+    fails(["--models", tmp_path, "--coco", tmp_path / "c.json", "--out", tmp_path / "o"], capsys, "--coco needs --images")
+
+
 def test_model_folder_without_models(tmp_path, clean_env, capsys):
     images, masks = write_folder_dataset(tmp_path / "data")
     fails(["--models", tmp_path / "nothing", "--images", images, "--masks", masks, "--out", tmp_path / "o"], capsys,

@@ -76,17 +76,14 @@ def read_dataset(args) -> list[DatasetObject]:
         if args.images is None:
             raise DatasetError("--masks needs --images (the folder of the images the masks belong to)")
         objects = read_mask_folder(args.images, args.masks)
-        described = f"{args.masks}"
     elif args.coco is not None:
         if args.images is None:
             raise DatasetError("--coco needs --images (the folder that the file names of the COCO file are in)")
         objects = read_coco(args.coco, args.images)
-        described = f"{args.coco}"
     else:
         objects = read_label_studio_export(args.ls_export, args.images, args.image_field)
-        described = f"{args.ls_export}"
     if not objects:
-        raise DatasetError(f"{described} holds no objects to evaluate")
+        raise DatasetError(f"{args.masks or args.coco or args.ls_export} holds no objects to evaluate")
     # Every reader lists an image's objects one after another: its features are computed once for them all.
     return objects[: args.limit] if args.limit is not None else objects
 
