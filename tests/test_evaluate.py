@@ -28,7 +28,7 @@ from segnext_backend.masks import mask_to_rle
 from tools import evaluate
 from tools.eval_datasets import DatasetError, decode_brush_rle, read_label_studio_export
 from tools.scenes import encode_png
-from tools.test_models import build_test_models
+from segnext_backend.demo_models import build_demo_models
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 1024
@@ -82,7 +82,7 @@ def expected_summary(rows=EXPECTED_IOUS, nocs=EXPECTED_NOC) -> dict:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("eval-models")
-    build_test_models(folder)
+    build_demo_models(folder)
     return folder
 
 
@@ -251,7 +251,7 @@ def test_a_coco_file_with_polygons_rle_and_compressed_rle(models, tmp_path):
 def test_compare_runs_a_second_pair_on_the_same_objects_and_limit_takes_the_first(models, tmp_path, clean_env, capsys):
     images, masks = write_folder_dataset(tmp_path / "data")
     other = tmp_path / "other-models"
-    build_test_models(other)
+    build_demo_models(other)
     out = tmp_path / "out"
     argv = ["--models", str(models), "--images", str(images), "--masks", str(masks), "--out", str(out), "--no-progress"]
     assert evaluate.main(argv + ["--compare", str(other), "--limit", "3"]) == 0

@@ -100,6 +100,7 @@ def evaluation_settings(base: Settings, models: Path) -> Settings:
         model_dir=models,
         model_url="",  # never download: --models names the files to measure
         demo=False,
+        redis_url="",  # the model is measured, not a fleet: features and states stay in this process
         max_clicks=max(base.max_clicks, MAX_CLICKS),
         # Without room for one image's features every click would encode again, and without room for the
         # previous click's state every click would replay the clicks before it.

@@ -13,7 +13,7 @@ import numpy as np
 from conftest import encode_png, make_scene
 from segnext_backend.masks import mask_to_rle
 from tools.eval_datasets import read_label_studio_export
-from tools.test_models import build_test_models
+from segnext_backend.demo_models import build_demo_models
 
 from .conftest import ROOT, LabelStudio, step
 from .test_label_studio import Api
@@ -62,7 +62,7 @@ def test_a_label_studio_export_is_the_ground_truth(label_studio: LabelStudio, tm
     np.testing.assert_array_equal(objects[1].load().object_mask, rectangle)
 
     models = tmp_path / "models"
-    build_test_models(models)
+    build_demo_models(models)
     out = tmp_path / "out"
     env = dict(os.environ, LABEL_STUDIO_URL=ls.url, LABEL_STUDIO_API_KEY=ls.legacy_token)
     for name in ("MODEL_DIR", "DEMO", "MASK_THRESHOLD", "LOCAL_FILES_DOCUMENT_ROOT"):
