@@ -185,13 +185,23 @@ def test_conv_transposes_with_kernel_equal_to_stride_become_exact_int8able_convs
     np.testing.assert_allclose(got, expected, atol=1e-5 * float(np.abs(expected).max()))
 
 
+class _FeedReader:
+    """ONNX Runtime's CalibrationDataReader protocol over a list of feeds."""
+
+    def __init__(self, feeds):
+        self.feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
 def test_chunked_calibration_gives_onnx_runtimes_ranges(tmp_path):
     """calibrate_ranges (a few tensors per pass, to bound memory) against ONNX Runtime's own MinMax calibrator."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
-    from tools.quantize import STATIC_OP_TYPES, _Feeds, calibrate_ranges
+    from tools.quantize import STATIC_OP_TYPES, calibrate_ranges
 
     rng = np.random.default_rng(2)
     weights = [
@@ -221,7 +231,7 @@ def test_chunked_calibration_gives_onnx_runtimes_ranges(tmp_path):
     calibrator = create_calibrator(
         path, STATIC_OP_TYPES, augmented_model_path=str(tmp_path / "augmented.onnx"), calibrate_method=CalibrationMethod.MinMax
     )
-    calibrator.collect_data(_Feeds(feeds))
+    calibrator.collect_data(_FeedReader(feeds))
     theirs = calibrator.compute_data()
     assert set(ours.keys()) == set(theirs.keys()) == {"x", "conv", "relu", "up", "tokens", "fc", "fc_t", "y"}
     for name in theirs.keys():

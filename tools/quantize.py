@@ -14,8 +14,12 @@ MODEL_DIR holds, float32 unless you put a variant there. Recipes (`--recipe`):
   CPU). Exact up to float rounding; no calibration.
 - `int8`: static int8 (QDQ): weights of MatMul, Conv and ConvTranspose int8 per output channel, activations
   uint8 with ranges calibrated on representative inputs; the attention products (Q.K^T and softmax.V) are
-  MatMuls between activations and are quantised too.
-- `int8+fused-attention`: attention fused (float32, flash), every other MatMul/Conv/ConvTranspose int8.
+  MatMuls between activations and are quantised too. Transposed convolutions whose kernel equals their
+  stride are first rewritten, exactly, as a 1x1 Conv + DepthToSpace (ONNX Runtime has no int8
+  ConvTranspose). Kept float32: the embeddings (the first Conv after an input), the last Conv before an
+  output (the decoder's logits), and every node that reads an
+  activation whose calibrated peak is more than 40x its RMS (one uint8 scale cannot hold both).
+- `int8+fused-attention`: attention fused (float32, flash), everything else as `int8`.
 - `int8-dynamic`: the earlier recipe: MatMul/Gemm weights int8, activations quantised per run, no
   calibration.
 
@@ -265,23 +269,6 @@ def calibration_feeds(model_dir: Path, images: list[np.ndarray], threads: int = 
     return [{"image": image} for image in images], decoder_feeds
 
 
-class _Feeds:
-    """onnxruntime.quantization's CalibrationDataReader over a list of feed dicts."""
-
-    def __init__(self, feeds: list[dict]):
-        self.feeds = feeds
-        self.position = 0
-
-    def get_next(self):
-        if self.position >= len(self.feeds):
-            return None
-        self.position += 1
-        return self.feeds[self.position - 1]
-
-    def rewind(self):
-        self.position = 0
-
-
 # -- recipes ----------------------------------------------------------------------------------------------------
 
 
@@ -476,12 +463,14 @@ def outlier_readers(model, peak_to_rms: dict[str, float], limit: float = OUTLIER
     ]
 
 
-def first_convs(model) -> list[str]:
-    """Names of the Conv nodes that read a graph input with no MatMul or Conv on the way: the embeddings.
+def edge_nodes(model) -> list[str]:
+    """Names of the quantisable nodes next to the graph's inputs or outputs: they stay float32.
 
-    They stay float32. The decoder's prompt embedding mixes channels of very different scales (the previous
-    mask's probability beside the click disks), which one int8 scale per output channel cannot hold: the
-    smaller channel rounds away. The image's patch embedding reads raw pixels. Both are ~1-2 % of the work.
+    First: the Convs that read an input with no MatMul or Conv on the way (the embeddings). The decoder's
+    prompt embedding mixes channels of very different scales (the previous mask's probability beside the
+    click disks), which one int8 scale per output channel cannot hold; the encoder's reads raw pixels.
+    Last: the Convs whose output reaches a graph output with no MatMul or Conv on the way (the decoder's final
+    1x1 conv writes the logits, whose sign is the mask). Together ~2 % of the work.
     """
     constants = {init.name for init in model.graph.initializer}
     raw = {i.name for i in model.graph.input}  # tensors computed from the inputs by no MatMul or Conv
@@ -492,7 +481,14 @@ def first_convs(model) -> list[str]:
             found.append(node.name)
         elif node.op_type not in STATIC_OP_TYPES and all(name in raw for name in data):
             raw.update(node.output)
-    return found
+    final = {o.name for o in model.graph.output}  # tensors that reach an output through no MatMul or Conv
+    for node in reversed(model.graph.node):
+        if any(name in final for name in node.output):
+            if node.op_type == "Conv":
+                found.append(node.name)
+            elif node.op_type not in STATIC_OP_TYPES:
+                final.update(name for name in node.input if name not in constants)
+    return list(dict.fromkeys(found))
 
 
 def _quantize_static(source: Path, target: Path, feeds: list[dict], scratch: Path, threads: int = 0, log=print) -> None:
@@ -503,7 +499,7 @@ def _quantize_static(source: Path, target: Path, feeds: list[dict], scratch: Pat
 
     graph_only = onnx.load(str(source), load_external_data=False)
     ranges, peak_to_rms = calibrate_ranges(source, feeds, threads=threads)
-    kept_float = list(dict.fromkeys(first_convs(graph_only) + outlier_readers(graph_only, peak_to_rms)))
+    kept_float = list(dict.fromkeys(edge_nodes(graph_only) + outlier_readers(graph_only, peak_to_rms)))
     log(f"{target.stem}: kept float32: {', '.join(kept_float) or 'nothing'}; highest peak/RMS: "
         + ", ".join(f"{name} {ratio:.0f}" for name, ratio in sorted(peak_to_rms.items(), key=lambda kv: -kv[1])[:4]))
     ranges_path = scratch / f"{target.stem}.ranges.json"
@@ -592,16 +588,12 @@ def build_variant(
 # -- measuring --------------------------------------------------------------------------------------------------
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
 def compare(model_dir: Path, variant_dir: Path, images: int = 3, clicks: int = 5, threads: int = 0) -> dict:
     """Time both pairs alternately and compare the variant's masks per click with float32's."""
     from segnext_backend.engine import SegNextEngine
     from segnext_backend.geometry import ModelFrame
     from segnext_backend.masks import logits_to_mask, sigmoid
+    from tools.scenes import iou
 
     engines = {
         "float32": SegNextEngine(model_dir / "encoder.onnx", model_dir / "decoder.onnx", intra_op_threads=threads),
@@ -628,7 +620,7 @@ def compare(model_dir: Path, variant_dir: Path, images: int = 3, clicks: int = 5
                 times[name]["decoder"].append(time.perf_counter() - started)
                 prev[name] = sigmoid(logits)  # each model refines its own previous answer, as in a session
                 masks[name] = logits_to_mask(logits, frame, 0.49).mask
-            ious.append(_iou(masks["float32"], masks["variant"]))
+            ious.append(iou(masks["float32"], masks["variant"]))
             fractions.append(float(masks["float32"].mean()))
             if k == 1:
                 first_ious.append(ious[-1])
