@@ -43,11 +43,17 @@ def _source_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, n
     return first, second, weight
 
 
-def _resize_axis(array: np.ndarray, out_size: int, axis: int) -> np.ndarray:
-    first, second, weight = _source_taps(array.shape[axis], out_size)
+def _blend_axis(array: np.ndarray, taps: tuple, axis: int) -> np.ndarray:
+    """Blend the two source indices of each output index along `axis`. np.take, not fancy indexing: along
+    columns it is an order of magnitude faster."""
+    first, second, weight = taps
     shape = [1] * array.ndim
-    shape[axis] = out_size
+    shape[axis] = len(weight)
     return _blend(np.take(array, first, axis=axis), np.take(array, second, axis=axis), weight.reshape(shape))
+
+
+def _resize_axis(array: np.ndarray, out_size: int, axis: int) -> np.ndarray:
+    return _blend_axis(array, _source_taps(array.shape[axis], out_size), axis)
 
 
 def _blend(a: np.ndarray, b: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -208,13 +214,8 @@ class ModelFrame:
         the same float32 blends (rows, then columns) as resizing the whole map.
         """
         _require_model_frame(values)
-        (row_first, row_second, row_weight), row_back = _frame_and_back_taps(self.height)
-        (col_first, col_second, col_weight), col_back = _frame_and_back_taps(self.width)
-        # The needed frame rows, then the needed frame columns of those rows: frame values at the needed pixels.
-        frame_rows = _blend(values[row_first], values[row_second], row_weight[:, None])
-        frame_values = _blend(frame_rows[:, col_first], frame_rows[:, col_second], col_weight[None, :])
+        row_to_frame, row_back = _frame_and_back_taps(self.height)
+        column_to_frame, column_back = _frame_and_back_taps(self.width)
+        frame_values = _blend_axis(_blend_axis(values, row_to_frame, 0), column_to_frame, 1)
         frame_values = np.asarray(pointwise(frame_values), dtype=np.float32)
-        back_first, back_second, back_weight = row_back
-        model_rows = _blend(frame_values[back_first], frame_values[back_second], back_weight[:, None])
-        back_first, back_second, back_weight = col_back
-        return _blend(model_rows[:, back_first], model_rows[:, back_second], back_weight[None, :])
+        return _blend_axis(_blend_axis(frame_values, row_back, 0), column_back, 1)
