@@ -68,12 +68,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        # weights_only refuses anything but tensors and plain containers: say so, not the whole trace.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"{path} holds objects other than tensors and plain containers, so it was not loaded "
-            f"(loading it would run code from the file): {reason}"
-        ) from None
+        # torch wraps the reason in paragraphs of advice (among them: load with weights_only=False, which is
+        # what must not happen); keep the reason.
+        paragraphs = [p.strip() for p in str(error).split("\n\n") if p.strip()]
+        reason = next((p for p in paragraphs if "GLOBAL" in p or "Unsupported" in p), paragraphs[-1] if paragraphs else "")
+        if "GLOBAL" in reason:
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain containers, so it was not loaded "
+                f"(loading them would run code from the file): {reason}"
+            ) from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({reason})") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, IndexError) as error:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}: {error})") from None
     config = None
