@@ -6,9 +6,9 @@
   each click the decoder's logits for that click sequence are kept in `object_states`; the next click feeds
   back, as upstream does, their probability at the frame's size resized back to 1024x1024 as `prev_mask`
   (`ModelFrame.through_frame`), so the k-th click costs one decoder run. That `prev_mask` depends on the
-  frame's size, so the state is keyed by it too. When the state of the prefix is missing (a restart, an eviction, a click
-  undone and a new one made), it is rebuilt by replaying the prefix click by click, which gives exactly
-  what the clicks would have given one at a time.
+  frame's size, so the state is keyed by it too. When the state of the prefix is missing (a restart, an
+  eviction, a click undone and a new one made), it is rebuilt by replaying the prefix click by click, which
+  gives exactly what the clicks would have given one at a time.
 - Clicks are keyed in the model frame (whole pixels of the 1024 frame, upstream's rounding), which is what
   the decoder sees.
 

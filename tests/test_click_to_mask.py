@@ -25,11 +25,6 @@ from segnext_backend.images import ImageRef
 from segnext_backend.masks import sigmoid
 
 
-def torch_tensor(model_map: np.ndarray):
-    """A 1024x1024 map as the 1x1x1024x1024 tensor torch's resizes take."""
-    return pytest.importorskip("torch").from_numpy(np.ascontiguousarray(model_map, dtype=np.float32))[None, None]
-
-
 def only_region(response) -> dict:
     assert response.status_code == 200, response.json
     (prediction,) = response.json["results"]
@@ -81,10 +76,11 @@ def test_positive_positive_negative_describes_the_object(make_client, image_serv
 
     # What was fed back is upstream's: the previous prediction's probability at the image's size (not its
     # logits, not a thresholded mask, not the 1024 probability), resized back to 1024x1024.
-    F = pytest.importorskip("torch").nn.functional
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
     assert not spy.decodes[0]["prev_mask"].any()
     for previous, current in zip(spy.decodes, spy.decodes[1:]):
-        logits = torch_tensor(previous["logits"])
+        logits = torch.from_numpy(np.ascontiguousarray(previous["logits"]))[None, None]
         at_image_size = F.interpolate(logits, size=(900, 1200), mode="bilinear", align_corners=False).sigmoid()
         expected = F.interpolate(at_image_size, size=(1024, 1024), mode="bilinear", align_corners=False)[0, 0].numpy()
         np.testing.assert_allclose(current["prev_mask"], expected, rtol=0, atol=1e-5)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import decode_region, encode_png, keypoint, make_scene, predict_body
+from conftest import decode_region, encode_png, iou, keypoint, make_scene, predict_body
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -84,22 +84,10 @@ SCENARIOS = {
 }
 
 
-@pytest.fixture
-def shallow_client(make_client, shallow_segnext):
-    _, encoder, decoder = shallow_segnext
-    client, spy = make_client(models=(encoder, decoder))
-    return client, spy
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_masks_are_upstreams_click_for_click_and_replay_gives_the_same(name, shallow_client, shallow_segnext, image_server):
+def test_masks_are_upstreams_click_for_click_and_replay_gives_the_same(name, make_client, shallow_segnext, image_server):
     width, height, clicks = SCENARIOS[name]
-    client, _ = shallow_client
+    client, _ = make_client(models=shallow_segnext[1:])
     scene = make_scene(width, height, seed=width + height)
     path = image_server.add(f"/data/upload/1/{width}x{height}.png", encode_png(scene.pixels))
     upstream = UpstreamPredictor(*shallow_segnext[1:])
