@@ -29,9 +29,9 @@ MODEL_SIZE = 1024
 def _source_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each output index: the two source indices to blend and the weight of the second one.
 
-    The source position is computed as torch's CPU kernel computes it, so that the weights are torch's to
-    the last bit (tested): in float32, `scale * (i + 0.5) - 0.5` with scale = in / out, the multiply and the
-    subtraction fused (one rounding); half-pixel centres, negative positions clamped to 0.
+    The source position is computed as torch's CPU kernel computes it, so that the weights are torch's
+    (bit for bit on the CPUs this was tested on): in float32, `scale * (i + 0.5) - 0.5` with scale = in / out,
+    the multiply and the subtraction fused (one rounding); half-pixel centres, negative positions clamped to 0.
     """
     scale = np.float32(in_size) / np.float32(out_size)
     centres = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
@@ -210,8 +210,8 @@ class ModelFrame:
         This is upstream's `prev_mask` (with `pointwise` the sigmoid): the probability kept at the image's
         size, resized back for the next click. The frame-size map is never built: each of the 1024 rows of
         the way back reads two rows of it, and each of those is a blend of two rows of `values`; the same
-        holds for columns. So at most 2048 x 2048 frame values are computed, whatever the frame's size, with
-        the same float32 blends (rows, then columns) as resizing the whole map.
+        holds for columns. So at most 2048 x 2048 frame values are computed, whatever the frame's size, each
+        the float32 blend (rows, then columns) that resizing the whole map in that order would compute.
         """
         _require_model_frame(values)
         row_to_frame, row_back = _frame_and_back_taps(self.height)
