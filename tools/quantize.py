@@ -37,6 +37,7 @@ accuracy: rerun it, and an evaluation of NoC/mIoU, on the real model files befor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import statistics
 import sys
@@ -272,16 +273,23 @@ def calibration_feeds(model_dir: Path, images: list[np.ndarray], threads: int = 
 # -- recipes ----------------------------------------------------------------------------------------------------
 
 
-def _save(model, target: Path) -> None:
-    import onnx
-
+@contextlib.contextmanager
+def _written_atomically(target: Path):
+    """Yield a temporary path beside `target`, renamed to it on success: no reader sees half a model."""
     tmp = target.with_name(f".{target.name}.tmp")
     try:
-        onnx.save_model(model, str(tmp))
+        yield tmp
         tmp.replace(target)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _save(model, target: Path) -> None:
+    import onnx
+
+    with _written_atomically(target) as tmp:
+        onnx.save_model(model, str(tmp))
 
 
 def fold_identity_initializers(model) -> int:
@@ -504,8 +512,7 @@ def _quantize_static(source: Path, target: Path, feeds: list[dict], scratch: Pat
         + ", ".join(f"{name} {ratio:.0f}" for name, ratio in sorted(peak_to_rms.items(), key=lambda kv: -kv[1])[:4]))
     ranges_path = scratch / f"{target.stem}.ranges.json"
     save_tensors_data(ranges, ranges_path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
+    with _written_atomically(target) as tmp:
         quantize_static(
             str(source),
             str(tmp),
@@ -519,22 +526,13 @@ def _quantize_static(source: Path, target: Path, feeds: list[dict], scratch: Pat
             nodes_to_exclude=kept_float,
             calibration_cache_path=ranges_path,
         )
-        tmp.replace(target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _quantize_dynamic(source: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
+    with _written_atomically(target) as tmp:
         quantize_dynamic(str(source), str(tmp), op_types_to_quantize=DYNAMIC_OP_TYPES, weight_type=QuantType.QInt8)
-        tmp.replace(target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def build_variant(
