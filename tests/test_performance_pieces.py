@@ -264,6 +264,16 @@ def test_nodes_reading_a_tensor_dominated_by_a_few_huge_values_stay_float(tmp_pa
     assert outlier_readers(model, peak_to_rms) == ["reads_spiky"]
 
 
+def test_the_embeddings_and_the_logits_conv_are_the_edge_nodes_kept_float(shallow_models):
+    import onnx
+
+    from tools.quantize import edge_nodes
+
+    encoder, decoder = (onnx.load(str(path), load_external_data=False) for path in shallow_models)
+    assert edge_nodes(encoder) == ["/backbone/patch_embed/proj/Conv"]
+    assert edge_nodes(decoder) == ["/visual_prompts_encoder/proj/Conv", "/head/seg_conv/Conv"]
+
+
 def test_quantize_refuses_to_overwrite_its_float32_source(shallow_models):
     from tools.quantize import main
 
