@@ -1,6 +1,6 @@
 """The pieces that make a click cheap keep their exact answers: band-wise resize+threshold, the packed RLE,
-the engine's memory arena options, features kept on the decoder's device, the int8 quantisation tool
-(tools/quantize.py), and the on-disk feature cache."""
+the engine's memory arena options, features kept on the decoder's device, the faster CPU variants
+(tools/quantize.py), the object-like benchmark weights, and the on-disk feature cache."""
 
 from __future__ import annotations
 
@@ -90,30 +90,215 @@ def shallow_models(tmp_path_factory):
     return export_models(SegNextModel(SegNextConfig.shallow(), seed=0), tmp_path_factory.mktemp("shallow"))
 
 
-def test_quantize_command_writes_int8_models_with_segnext_interface(shallow_models):
-    import onnx
-    import onnxruntime as ort
+def _logits(encoder: Path, decoder: Path, image: np.ndarray, clicks=((500.0, 400.0, 1.0), (300.0, 650.0, 0.0))):
+    engine = SegNextEngine(encoder, decoder, intra_op_threads=1)
+    points = np.array([c[:2] for c in clicks], np.float32)
+    labels = np.array([c[2] for c in clicks], np.float32)
+    return engine.decode(engine.encode(image), points, labels, np.zeros((MODEL_SIZE, MODEL_SIZE), np.float32))
 
+
+def _op_types(path: Path) -> set[str]:
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+def test_fused_attention_gives_the_same_logits_without_the_score_matrix(shallow_models, tmp_path):
     from tools.quantize import main
 
     encoder, decoder = shallow_models
-    assert main([str(encoder.parent)]) == 0
-    encoder8, decoder8 = encoder.with_name("encoder.int8.onnx"), decoder.with_name("decoder.int8.onnx")
-    for path, inputs, outputs in ((encoder8, ENCODER_INPUTS, ENCODER_OUTPUTS), (decoder8, DECODER_INPUTS, DECODER_OUTPUTS)):
+    assert main([str(encoder.parent), "--out", str(tmp_path), "--recipe", "fused-attention"]) == 0
+    for role, path, attentions in (("encoder", tmp_path / "encoder.onnx", 2), ("decoder", tmp_path / "decoder.onnx", 1)):
+        ops = _op_types(path)
+        assert "Softmax" not in ops, role  # every attention was fused: none computes its scores apart
+        import onnx
+
+        graph = onnx.load(str(path)).graph
+        assert sum(node.op_type == "MultiHeadAttention" for node in graph.node) == attentions, role
+    image = np.random.default_rng(0).random((1, 3, MODEL_SIZE, MODEL_SIZE), dtype=np.float32)
+    expected = _logits(encoder, decoder, image)
+    got = _logits(tmp_path / "encoder.onnx", tmp_path / "decoder.onnx", image)
+    np.testing.assert_allclose(got, expected, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_quantize_command_writes_a_servable_pair_with_segnext_interface(shallow_models, tmp_path):
+    """`python -m tools.quantize MODEL_DIR --out OUT_DIR` (the default recipe: static int8 + fused attention)."""
+    import subprocess
+
+    encoder, decoder = shallow_models
+    out = tmp_path / "faster"
+    subprocess.run(
+        [sys.executable, "-m", "tools.quantize", str(encoder.parent), "--out", str(out), "--calibration-count", "1"],
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+        timeout=900,
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx"]  # no scratch files left
+    encoder8, decoder8 = out / "encoder.onnx", out / "decoder.onnx"
+    import onnxruntime as ort
+
+    for path, inputs, outputs, source in (
+        (encoder8, ENCODER_INPUTS, ENCODER_OUTPUTS, encoder),
+        (decoder8, DECODER_INPUTS, DECODER_OUTPUTS, decoder),
+    ):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         check_interface(session, str(path), inputs, outputs)
-        ops = {node.op_type for node in onnx.load(str(path)).graph.node}
-        assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops, ops
-        assert path.stat().st_size < (encoder if path == encoder8 else decoder).stat().st_size
-    # And the engine serves them, with logits close to fp32 on the same input.
-    fp32 = SegNextEngine(encoder, decoder, intra_op_threads=1)
-    int8 = SegNextEngine(encoder8, decoder8, intra_op_threads=1)
+        ops = _op_types(path)
+        assert {"QuantizeLinear", "DequantizeLinear", "MultiHeadAttention"} <= ops, ops
+        assert path.stat().st_size < 0.5 * source.stat().st_size  # int8 weights
+    # The prompt embedding (previous mask and click disks, scales far apart) keeps float32 weights.
+    import onnx
+
+    graph = onnx.load(str(decoder8)).graph
+    prompt_conv = next(node for node in graph.node if node.name == "/visual_prompts_encoder/proj/Conv")
+    assert prompt_conv.input[1] in {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
+    # The engine serves them (it checks the interface on load), with logits close to float32 on the same input.
     image = np.random.default_rng(0).random((1, 3, MODEL_SIZE, MODEL_SIZE), dtype=np.float32)
-    args = (np.array([[500.0, 400.0]], np.float32), np.array([1.0], np.float32), np.zeros((MODEL_SIZE, MODEL_SIZE), np.float32))
-    logits32 = fp32.decode(fp32.encode(image), *args)
-    logits8 = int8.decode(int8.encode(image), *args)
+    logits32 = _logits(encoder, decoder, image)
+    logits8 = _logits(encoder8, decoder8, image)
     assert logits8.shape == (MODEL_SIZE, MODEL_SIZE) and np.isfinite(logits8).all()
     assert np.corrcoef(logits32.ravel(), logits8.ravel())[0, 1] > 0.9
+
+
+def test_conv_transposes_with_kernel_equal_to_stride_become_exact_int8able_convs(shallow_models):
+    import onnx
+    import onnxruntime as ort
+
+    from tools.quantize import fold_identity_initializers, patchify_conv_transposes
+
+    _, decoder = shallow_models
+    model = onnx.load(str(decoder))
+    fold_identity_initializers(model)
+    assert patchify_conv_transposes(model) == 3  # the neck's three 2x2 stride-2 upsamplings
+    assert "ConvTranspose" not in {node.op_type for node in model.graph.node}
+    rng = np.random.default_rng(1)
+    feeds = {
+        "image_feats": rng.standard_normal((1, 768, 64, 64), dtype=np.float32),
+        "point_coords": np.array([[[500.0, 400.0]]], np.float32),
+        "point_labels": np.array([[1.0]], np.float32),
+        "prev_mask": rng.random((1, 1, MODEL_SIZE, MODEL_SIZE), dtype=np.float32),
+    }
+    expected = ort.InferenceSession(str(decoder), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, atol=1e-5 * float(np.abs(expected).max()))
+
+
+class _FeedReader:
+    """ONNX Runtime's CalibrationDataReader protocol over a list of feeds."""
+
+    def __init__(self, feeds):
+        self.feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+
+def test_chunked_calibration_gives_onnx_runtimes_ranges(tmp_path):
+    """calibrate_ranges (a few tensors per pass, to bound memory) against ONNX Runtime's own MinMax calibrator."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    from tools.quantize import STATIC_OP_TYPES, calibrate_ranges
+
+    rng = np.random.default_rng(2)
+    weights = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3), dtype=np.float32), "conv_w"),
+        numpy_helper.from_array(rng.standard_normal((4, 2, 2, 2), dtype=np.float32), "convt_w"),
+        numpy_helper.from_array(rng.standard_normal((16, 16), dtype=np.float32), "fc_w"),
+        numpy_helper.from_array(np.array([1, 2, 16], np.int64), "shape"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("ConvTranspose", ["relu", "convt_w"], ["up"], strides=[2, 2]),
+        helper.make_node("Reshape", ["up", "shape"], ["tokens"]),
+        helper.make_node("MatMul", ["tokens", "fc_w"], ["fc"]),
+        helper.make_node("Transpose", ["fc"], ["fc_t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["fc", "fc_t"], ["y"]),  # a product of two activations, as attention's
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 2])], initializer=weights,
+    )
+    path = tmp_path / "small.onnx"
+    onnx.save(onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])), str(path))
+    feeds = [{"x": rng.standard_normal((1, 3, 2, 2), dtype=np.float32) * scale} for scale in (1.0, 3.0, 0.5)]
+
+    ours, _ = calibrate_ranges(path, feeds, chunk_bytes=64)  # 64 bytes: one or two tensors per pass
+    calibrator = create_calibrator(
+        path, STATIC_OP_TYPES, augmented_model_path=str(tmp_path / "augmented.onnx"), calibrate_method=CalibrationMethod.MinMax
+    )
+    calibrator.collect_data(_FeedReader(feeds))
+    theirs = calibrator.compute_data()
+    assert set(ours.keys()) == set(theirs.keys()) == {"x", "conv", "relu", "up", "tokens", "fc", "fc_t", "y"}
+    for name in theirs.keys():
+        np.testing.assert_allclose(np.ravel(ours[name].range_value), np.ravel(theirs[name].range_value), rtol=1e-6, err_msg=name)
+
+
+def test_nodes_reading_a_tensor_dominated_by_a_few_huge_values_stay_float(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tools.quantize import calibrate_ranges, outlier_readers
+
+    rng = np.random.default_rng(3)
+    weight = numpy_helper.from_array(rng.standard_normal((8, 8), dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["spiky", "w"], ["a"], name="reads_spiky"),
+            helper.make_node("MatMul", ["plain", "w"], ["b"], name="reads_plain"),
+        ],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4096, 8]) for n in ("spiky", "plain")],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4096, 8]) for n in ("a", "b")],
+        initializer=[weight],
+    )
+    path = tmp_path / "spiky.onnx"
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    onnx.save(model, str(path))
+    spiky, plain = rng.standard_normal((2, 4096, 8), dtype=np.float32)
+    spiky[5, 3] = 1000.0  # one value far above the rest, like a click's token in the residual stream
+    _, peak_to_rms = calibrate_ranges(path, [{"spiky": spiky, "plain": plain}])
+    assert peak_to_rms["spiky"] > 40 > 10 > peak_to_rms["plain"]
+    assert outlier_readers(model, peak_to_rms) == ["reads_spiky"]
+
+
+def test_the_embeddings_and_the_logits_conv_are_the_edge_nodes_kept_float(shallow_models):
+    import onnx
+
+    from tools.quantize import edge_nodes
+
+    encoder, decoder = (onnx.load(str(path), load_external_data=False) for path in shallow_models)
+    assert edge_nodes(encoder) == ["/backbone/patch_embed/proj/Conv"]
+    assert edge_nodes(decoder) == ["/visual_prompts_encoder/proj/Conv", "/head/seg_conv/Conv"]
+
+
+def test_quantize_refuses_to_overwrite_its_float32_source(shallow_models):
+    from tools.quantize import main
+
+    encoder, _ = shallow_models
+    with pytest.raises(ValueError, match="another folder"):
+        main([str(encoder.parent), "--out", str(encoder.parent), "--recipe", "fused-attention"])
+
+
+def test_object_like_weights_put_the_median_logit_at_zero_and_the_masks_in_regions():
+    torch = pytest.importorskip("torch")
+    from tools.build_benchmark_models import make_object_like_, object_like_calibration_images
+    from tools.segnext_arch import SegNextConfig, SegNextDecoder, SegNextEncoder, SegNextModel
+
+    model = SegNextModel(SegNextConfig.shallow(), seed=0)
+    images = object_like_calibration_images(count=1)
+    make_object_like_(model, images)
+    with torch.no_grad():
+        logits = SegNextDecoder(model)(
+            SegNextEncoder(model)(images[0]), torch.tensor([[[512.0, 512.0]]]), torch.ones(1, 1), torch.zeros(1, 1, 1024, 1024)
+        )[0, 0].numpy()
+    assert abs(float(np.median(logits))) < 1e-3 * float(np.abs(logits).max())
+    assert np.percentile(np.abs(logits), 90) > 5  # sigmoids near 0 or 1, as a trained model's
+    mask = logits > 0
+    # Regions, not pixel noise: almost every pixel has the same answer as its right-hand neighbour.
+    assert (mask[:, 1:] == mask[:, :-1]).mean() > 0.98
 
 
 # -- features stay on the decoder's device between clicks ------------------------------------------------------

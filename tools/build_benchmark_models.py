@@ -1,11 +1,16 @@
 """Export SegNext ViT-B SAx2-sized ONNX models with random weights, for timing the backend.
 
-    python -m tools.build_benchmark_models OUT_DIR [--shallow] [--seed N] [--benchmark]
+    python -m tools.build_benchmark_models OUT_DIR [--shallow] [--object-like] [--seed N] [--benchmark]
 
 Writes OUT_DIR/encoder.onnx and OUT_DIR/decoder.onnx with the same names, shapes and dtypes as the
 published pair (see docs/segnext.md): opset 17, float32, weights inside the .onnx files, the
 click count `num_points` the only dynamic axis.  --shallow builds the cheap test variant (2 encoder blocks,
 1 fusion block).  --benchmark then times both models with ONNX Runtime on the CPU.
+
+--object-like rescales a few weights of the random model (`make_object_like_`) so that its masks are
+object-like regions that follow the image instead of pixel noise: what measuring mask agreement between a
+float32 model and a faster variant of it (tools/quantize.py) needs. The architecture and the amount of
+arithmetic are unchanged, so its timings are those of the plain benchmark models.
 """
 
 from __future__ import annotations
@@ -49,6 +54,53 @@ def example_inputs(cfg: SegNextConfig, num_points: int = 1, seed: int = 0):
     point_labels = torch.tensor([[1.0 if i % 2 == 0 else 0.0 for i in range(num_points)]])
     prev_mask = torch.rand(1, 1, s, s, generator=g)
     return image, (image_feats, point_coords, point_labels, prev_mask)
+
+
+OBJECT_LIKE_SCALE = 100.0
+
+
+@torch.no_grad()
+def make_object_like_(model: SegNextModel, images: list[torch.Tensor], scale: float = OBJECT_LIKE_SCALE) -> float:
+    """Turn random weights into a model whose masks are object-like regions; returns the bias shift.
+
+    Random weights give logits that are O(0.1) noise, fine at the stride-4 level: masks look like static, and
+    how much such a mask moves under a faster variant says little about a trained model's. So:
+    - the head's stride-4 and stride-8 inputs are zeroed (their 1x1 convs give 0 after the ReLU): the logits
+      come from the stride-16 and stride-32 maps and form regions of the image, not pixel noise;
+    - the click channels of the prompt embedding are scaled by `scale`, so clicks weigh on the tokens as much
+      as the image does, as in a trained model;
+    - the final 1x1 convolution is scaled by `scale` (logits of tens, sigmoids near 0 or 1, so the
+      probability fed back as prev_mask is a near-binary mask, as a trained model's is) and its bias shifted
+      so that the median logit over `images` (one positive click at the centre each) is 0.
+    The computation (every layer, its shapes) is unchanged: only weight values move.
+    """
+    head = model.head
+    for level in (0, 1):  # strides 4 and 8
+        head.convs[level].conv.weight.zero_()
+        head.convs[level].conv.bias.zero_()
+    model.visual_prompts_encoder.proj.weight[:, 1:3] *= scale  # channels: prev_mask, positive, negative
+    head.seg_conv.weight *= scale
+    head.seg_conv.bias *= scale
+    encoder, decoder = SegNextEncoder(model).eval(), SegNextDecoder(model).eval()
+    size = model.cfg.image_size
+    centre = torch.tensor([[[size / 2, size / 2]]])
+    medians = [
+        decoder(encoder(image), centre, torch.ones(1, 1), torch.zeros(1, 1, size, size)).median()
+        for image in images
+    ]
+    shift = float(torch.stack(medians).median())
+    head.seg_conv.bias -= shift
+    return shift
+
+
+def object_like_calibration_images(count: int = 2, size: int = 1024) -> list[torch.Tensor]:
+    """Photo-like synthetic images (tools.benchmark.natural_image), as 1x3xSxS tensors in [0, 1]."""
+    from tools.benchmark import natural_image
+
+    return [
+        torch.from_numpy(natural_image(size, size, seed=100 + i)).permute(2, 0, 1)[None].float() / 255
+        for i in range(count)
+    ]
 
 
 def _export_atomic(module: torch.nn.Module, args: tuple, path: Path, **kwargs) -> None:
@@ -155,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir", type=Path)
     ap.add_argument("--shallow", action="store_true", help="2 encoder blocks, 1 fusion block (for tests)")
+    ap.add_argument("--object-like", action="store_true", help="rescale weights so masks are object-like regions")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     ap.add_argument("--benchmark", action="store_true", help="time the exported models with onnxruntime")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for --benchmark")
@@ -166,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     if not report_param_counts(model) and not args.shallow:
         print("error: parameter counts differ from docs/segnext.md by more than 1 %", file=sys.stderr)
         return 1
+    if args.object_like:
+        size = model.cfg.image_size
+        shift = make_object_like_(model, object_like_calibration_images(size=size))
+        print(f"object-like: stride-4/8 head inputs zeroed, clicks and logits x{OBJECT_LIKE_SCALE:g}, bias {-shift:+.3f}")
     t0 = time.perf_counter()
     enc_path, dec_path = export_models(model, args.out_dir)
     print(f"exported in {time.perf_counter() - t0:.0f} s:")
