@@ -19,6 +19,9 @@ DEFAULT_MODEL_SHA256 = "87936f12f815e05c6f601be5e46d69ce2e52c788ae2c26ec7e3db39d
 
 MIB = 1024 * 1024
 
+# The region kinds the backend can answer, by the name REGION_CONTROL_ORDER uses for each.
+REGION_KINDS = ("brush", "polygon", "rectangle")
+
 
 class SettingsError(ValueError):
     """A setting has a value that cannot be used; the message names the variable."""
@@ -83,6 +86,14 @@ class Settings:
     device: str = "cpu"
     # How many decoder runs may go at once; the rest wait their turn (each holds ~1 GB on SegNext).
     max_concurrent_decodes: int = 1
+    # Which control answers a click when several on the image carry its label: the first kind in this order
+    # that has one. Kinds left out are never answered. Brush first: the mask as it is, as before polygons.
+    region_control_order: tuple[str, ...] = REGION_KINDS
+    # Polygons: the most an answered outline may stray from the mask's pixel-edge outline, in image pixels
+    # (Douglas-Peucker; docs/performance.md measures vertices against IoU), and the smallest part answered,
+    # in pixels (smaller parts are left out, smaller holes filled).
+    polygon_tolerance: float = 1.5
+    polygon_min_area: float = 25.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -121,6 +132,11 @@ class Settings:
         device = text("DEVICE", defaults.device).lower()
         if device not in ("cpu", "cuda"):
             raise SettingsError(f"DEVICE={device!r} must be cpu or cuda")
+        order = tuple(kind.strip().lower() for kind in text("REGION_CONTROL_ORDER", ",".join(REGION_KINDS)).split(","))
+        if not order or not set(order) <= set(REGION_KINDS) or len(set(order)) != len(order):
+            raise SettingsError(
+                f"REGION_CONTROL_ORDER={','.join(order)!r} must list some of {', '.join(REGION_KINDS)}, each once"
+            )
         return cls(
             label_studio_url=text("LABEL_STUDIO_URL", "").rstrip("/"),
             label_studio_api_key=text("LABEL_STUDIO_API_KEY", ""),
@@ -155,6 +171,9 @@ class Settings:
             feature_disk_cache_dir=text("FEATURE_DISK_CACHE_DIR", ""),
             feature_disk_cache_bytes=number("FEATURE_DISK_CACHE_BYTES", defaults.feature_disk_cache_bytes, int, 0),
             max_concurrent_decodes=number("MAX_CONCURRENT_DECODES", defaults.max_concurrent_decodes, int, 1),
+            region_control_order=order,
+            polygon_tolerance=number("POLYGON_TOLERANCE", defaults.polygon_tolerance, float, 0.0),
+            polygon_min_area=number("POLYGON_MIN_AREA", defaults.polygon_min_area, float, 0.0),
         )
 
     def redacted(self) -> dict:
