@@ -14,7 +14,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from segnext_backend.polygons import bounding_box, mask_polygons, signed_area, to_percent
+from segnext_backend import polygons as polygons_module
+from segnext_backend.polygons import (
+    MAX_HOLES,
+    MAX_PARTS,
+    bounding_box,
+    mask_polygons,
+    signed_area,
+    to_percent,
+    without_small_pieces,
+)
 from segnext_backend.settings import Settings, SettingsError
 from tools.scenes import pillow_polygon_mask, pixel_centre_mask
 
@@ -94,6 +103,41 @@ def test_a_hole_is_cut_in_through_a_slit_and_a_small_one_is_filled():
     pinhole[20:23, 20:23] = False  # 9 px
     (filled,) = mask_polygons(pinhole, tolerance=0.0, min_area=25)
     assert pixel_centre_mask([filled], 40, 40).all() and len(filled) == 4
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.bool_, st.tuples(st.integers(1, 24), st.integers(1, 24))), st.sampled_from([0, 2, 5, 12]))
+def test_speckled_masks_take_the_connected_components_path_to_the_same_answer(mask, min_area):
+    """Above FRAGMENTED_TRANSITIONS the small pieces are removed before tracing: the answer must not change."""
+    height, width = mask.shape
+    direct = pixel_centre_mask(mask_polygons(mask, 0.0, min_area), width, height)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(polygons_module, "FRAGMENTED_TRANSITIONS", -1)
+        cleaned = pixel_centre_mask(mask_polygons(mask, 0.0, min_area), width, height)
+    np.testing.assert_array_equal(cleaned, direct)
+    np.testing.assert_array_equal(without_small_pieces(mask, min_area), direct)
+
+
+@pytest.mark.parametrize("fragmented", [False, True])
+def test_at_most_max_parts_polygons_and_max_holes_holes_the_largest(fragmented, monkeypatch):
+    if fragmented:
+        monkeypatch.setattr(polygons_module, "FRAGMENTED_TRANSITIONS", -1)
+    squares = np.zeros((20 * 16, 20 * 16), bool)  # 256 squares of 7x7 .. 10x10 pixels
+    sizes = {}
+    for k in range(256):
+        y, x, side = 20 * (k // 16) + 2, 20 * (k % 16) + 2, 7 + k % 4
+        squares[y : y + side, x : x + side] = True
+        sizes[k] = side * side
+    answered = mask_polygons(squares, 0.0, 25)
+    assert len(answered) == MAX_PARTS
+    assert sorted(abs(signed_area(p)) for p in answered) == sorted(sizes.values())[-MAX_PARTS:]
+
+    sieve = np.ones((20 * 16, 20 * 16), bool)
+    sieve[squares] = False  # the same squares as holes in one part
+    (part,) = mask_polygons(sieve, 0.0, 25)
+    left_open = ~pixel_centre_mask([part], *sieve.shape[::-1])
+    assert not (left_open & sieve).any()
+    assert left_open.sum() == sum(sorted(sizes.values())[-MAX_HOLES:])  # the largest holes, the rest filled
 
 
 def test_tolerance_bounds_how_far_the_outline_strays():
