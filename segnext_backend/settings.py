@@ -6,6 +6,7 @@ values it needs. Each field's comment is what the README's settings table says a
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -132,11 +133,16 @@ class Settings:
         device = text("DEVICE", defaults.device).lower()
         if device not in ("cpu", "cuda"):
             raise SettingsError(f"DEVICE={device!r} must be cpu or cuda")
-        order = tuple(kind.strip().lower() for kind in text("REGION_CONTROL_ORDER", ",".join(REGION_KINDS)).split(","))
-        if not order or not set(order) <= set(REGION_KINDS) or len(set(order)) != len(order):
+        order = tuple(kind.strip().lower() for kind in (text("REGION_CONTROL_ORDER", "") or ",".join(REGION_KINDS)).split(","))
+        if not set(order) <= set(REGION_KINDS) or len(set(order)) != len(order):
             raise SettingsError(
                 f"REGION_CONTROL_ORDER={','.join(order)!r} must list some of {', '.join(REGION_KINDS)}, each once"
             )
+        polygon_tolerance = number("POLYGON_TOLERANCE", defaults.polygon_tolerance, float, 0.0)
+        polygon_min_area = number("POLYGON_MIN_AREA", defaults.polygon_min_area, float, 0.0)
+        for name, value in (("POLYGON_TOLERANCE", polygon_tolerance), ("POLYGON_MIN_AREA", polygon_min_area)):
+            if not math.isfinite(value):
+                raise SettingsError(f"{name}={value} must be a finite number")
         return cls(
             label_studio_url=text("LABEL_STUDIO_URL", "").rstrip("/"),
             label_studio_api_key=text("LABEL_STUDIO_API_KEY", ""),
@@ -172,8 +178,8 @@ class Settings:
             feature_disk_cache_bytes=number("FEATURE_DISK_CACHE_BYTES", defaults.feature_disk_cache_bytes, int, 0),
             max_concurrent_decodes=number("MAX_CONCURRENT_DECODES", defaults.max_concurrent_decodes, int, 1),
             region_control_order=order,
-            polygon_tolerance=number("POLYGON_TOLERANCE", defaults.polygon_tolerance, float, 0.0),
-            polygon_min_area=number("POLYGON_MIN_AREA", defaults.polygon_min_area, float, 0.0),
+            polygon_tolerance=polygon_tolerance,
+            polygon_min_area=polygon_min_area,
         )
 
     def redacted(self) -> dict:

@@ -253,8 +253,9 @@ def test_settings_read_the_order_and_the_polygon_limits():
     )
     assert read.region_control_order == ("polygon", "brush")
     assert (read.polygon_tolerance, read.polygon_min_area) == (0.0, 100.0)
+    assert Settings.from_env({"REGION_CONTROL_ORDER": " "}).region_control_order == ("brush", "polygon", "rectangle")
     for bad in ({"REGION_CONTROL_ORDER": "polygon,mask"}, {"REGION_CONTROL_ORDER": "brush,brush"},
-                {"POLYGON_TOLERANCE": "-1"}, {"POLYGON_MIN_AREA": "lots"}):
+                {"POLYGON_TOLERANCE": "-1"}, {"POLYGON_TOLERANCE": "nan"}, {"POLYGON_MIN_AREA": "lots"}):
         with pytest.raises(SettingsError, match=next(iter(bad))):
             Settings.from_env(bad)
 
