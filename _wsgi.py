@@ -1,9 +1,12 @@
 """The backend's process: settings, logging, model files, and the web server.
 
     python _wsgi.py --host 0.0.0.0 --port 9090      # Flask's threaded server, one process
+    label-studio-ml start . -p 9090                 # the same, as label-studio-ml starts a backend
     gunicorn -c gunicorn.conf.py                    # production: WORKERS processes x THREADS threads
+    gunicorn --preload _wsgi:app                    # label-studio-ml's Docker command: workers load on first use
 
-Every setting comes from the environment (see the README); the command line only says where to listen.
+Every setting comes from the environment (see the README); label-studio-ml's command-line flags (-p/--port,
+--host, --basic-auth-user, --basic-auth-pass, --log-level, --model-dir) override their variables.
 Missing model files are downloaded first (by gunicorn's master, once); a model file that cannot be loaded
 stops the process with a message that says why, before it listens.
 """
@@ -11,6 +14,7 @@ stops the process with a message that says why, before it listens.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -42,9 +46,9 @@ def configure_logging(level: str) -> None:
 def prepare_model_files(settings: Settings) -> tuple[Path, Path]:
     """Where the encoder and decoder are, downloading them (or building the demo ones) first if needed."""
     if settings.demo:
-        from tools.test_models import build_test_models
+        from segnext_backend.demo_models import build_demo_models
 
-        return build_test_models(settings.model_dir / "demo")
+        return build_demo_models(settings.model_dir / "demo")
     ensure_model_files(settings.model_dir, settings.model_url, settings.model_sha256)
     return settings.model_dir / "encoder.onnx", settings.model_dir / "decoder.onnx"
 
@@ -100,6 +104,19 @@ def gunicorn_app():
     return create_app(settings)
 
 
+def __getattr__(name: str):
+    # `gunicorn _wsgi:app`, the command of label-studio-ml's Docker template, with or without --preload: the
+    # app is made when it is asked for, not at import (gunicorn.conf.py imports this module too), and it
+    # loads the models in the worker on first use (model.start_loading), never in the master.
+    if name == "app":
+        global app
+        settings = Settings.from_env()
+        configure_logging(settings.log_level)
+        app = create_app(settings)
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def health_check(settings: Settings) -> int:
     import requests
 
@@ -113,18 +130,45 @@ def health_check(settings: Settings) -> int:
     return 0 if response.status_code == 200 else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line: label-studio-ml's flags (`label-studio-ml start DIR -p 9090` passes them on) and ours."""
     parser = argparse.ArgumentParser(description="SegNext ML backend for Label Studio")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=9090, help="port to listen on (default 9090)")
+    parser.add_argument("-p", "--port", type=_port, help="port to listen on (default: PORT, 9090)")
+    parser.add_argument("--basic-auth-user", help="protect every route with basic auth (BASIC_AUTH_USER)")
+    parser.add_argument("--basic-auth-pass", help="the basic auth password (BASIC_AUTH_PASS)")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(LOG_LEVEL)")
+    parser.add_argument("--model-dir", type=Path, help="folder of encoder.onnx and decoder.onnx (MODEL_DIR)")
     parser.add_argument("--check", action="store_true", help="fetch and load the models, then exit")
     parser.add_argument(
         "--health-check", action="store_true", help="exit 0 if the backend on PORT answers /health (for Docker)"
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The environment's settings, with the values given on the command line in place of their variables."""
+    flags = {
+        "port": args.port,
+        "basic_auth_user": args.basic_auth_user,
+        "basic_auth_pass": args.basic_auth_pass,
+        "log_level": args.log_level,
+        "model_dir": args.model_dir,
+    }
+    given = {name: value for name, value in flags.items() if value is not None}
+    return dataclasses.replace(Settings.from_env(), **given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        settings = Settings.from_env()
+        settings = settings_from(args)
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -141,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.check:
         return 0
-    app = create_app(settings)
-    app.run(host=args.host, port=args.port, threaded=True)
+    create_app(settings).run(host=args.host, port=settings.port, threaded=True)
     return 0
 
 

@@ -146,6 +146,10 @@ class SegNextEngine:
         # One encode at a time keeps a burst of newly opened tasks from starving the clicks of memory.
         self._encode_slots = threading.Semaphore(1)
         self._decode_slots = threading.Semaphore(max_concurrent_decodes)
+        # This process's totals, for /metrics: with shared features and states they show the fleet sharing.
+        self.encoder_runs = 0
+        self.decoder_runs = 0
+        self._runs_lock = threading.Lock()
 
     @property
     def is_test_model(self) -> bool:
@@ -163,6 +167,8 @@ class SegNextEngine:
             binding.bind_cpu_input("image", np.ascontiguousarray(model_input))
             binding.bind_ortvalue_output("image_feats", features)
             self.encoder.run_with_iobinding(binding)
+        with self._runs_lock:
+            self.encoder_runs += 1
         return features
 
     def features_from_numpy(self, features: np.ndarray) -> ort.OrtValue:
@@ -203,4 +209,6 @@ class SegNextEngine:
             binding.bind_output("mask", "cpu")  # the mask is resized and thresholded on the host
             self.decoder.run_with_iobinding(binding)
             (logits,) = binding.get_outputs()
+        with self._runs_lock:
+            self.decoder_runs += 1
         return logits.numpy()[0, 0]

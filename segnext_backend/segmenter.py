@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ class PredictionTimings:
 
     feature_cache_hit: bool = True
     disk_cache_hit: bool = False  # features read from the on-disk cache instead of encoding
+    shared_cache_hit: bool = False  # features read from Redis (shared_store.py) instead of encoding
     encoder_ms: float = 0.0
     decoder_runs: int = 0
     decoder_ms: float = 0.0
@@ -86,6 +88,7 @@ class InteractiveSegmenter:
         max_clicks: int = 100,
         feature_disk_cache_dir: str | os.PathLike | None = None,
         feature_disk_cache_bytes: int = 4 * 1024 * 1024 * 1024,
+        shared_store=None,
     ):
         """`load_image(image_key)` returns the image's HxWx3 uint8 RGB pixels (fetching is its business).
 
@@ -95,6 +98,9 @@ class InteractiveSegmenter:
         file (path, size, modification time). The folder is kept under `feature_disk_cache_bytes`, least
         recently used files out first (a read refreshes a file's time). The float16 rounding moves the logits
         slightly (docs/performance.md). None (the default): off.
+
+        `shared_store`: a `shared_store.SharedStore` (Redis), the tier between the memory caches and the disk
+        cache or the encoder, shared by every process of the fleet. None (the default): off.
         """
         self.engine = engine
         self.load_image = load_image
@@ -106,6 +112,9 @@ class InteractiveSegmenter:
         )
         self.feature_disk_cache_dir = Path(feature_disk_cache_dir) if feature_disk_cache_dir else None
         self.feature_disk_cache_bytes = feature_disk_cache_bytes
+        self.shared_store = shared_store
+        self.disk_cache_hits = 0
+        self._disk_hits_lock = threading.Lock()
         if self.feature_disk_cache_dir is not None:
             self.feature_disk_cache_dir.mkdir(parents=True, exist_ok=True)
         # One background encoder at a time: the encoder is the heaviest thing the process runs.
@@ -119,6 +128,11 @@ class InteractiveSegmenter:
         def encode() -> EncodedImage:
             if timings is not None:
                 timings.feature_cache_hit = False
+            if self.shared_store is not None:
+                return self._shared_encoded_image(image_key, encode_here, timings)
+            return encode_here()
+
+        def encode_here() -> EncodedImage:
             stored = self._read_disk_features(image_key)
             if stored is not None:
                 if timings is not None:
@@ -134,6 +148,19 @@ class InteractiveSegmenter:
             return encoded
 
         return self.feature_cache.get_or_compute(image_key, encode)
+
+    def _shared_encoded_image(self, image_key, encode_here, timings: PredictionTimings | None) -> EncodedImage:
+        """The features from Redis, or from `encode_here` under the fleet's encode lock (then put in Redis)."""
+
+        def compute():
+            encoded = encode_here()
+            # A copy: a host OrtValue's .numpy() may share memory the OrtValue frees with it.
+            return np.array(encoded.features.numpy()), encoded.width, encoded.height
+
+        features, width, height, from_redis = self.shared_store.features(image_key, compute)
+        if timings is not None:
+            timings.shared_cache_hit = from_redis
+        return EncodedImage(key=image_key, features=self.engine.features_from_numpy(features), width=width, height=height)
 
     # -- the optional on-disk feature cache ---------------------------------------------------------------
 
@@ -167,6 +194,8 @@ class InteractiveSegmenter:
             pass
         if features.shape != FEATURE_SHAPE:
             return None
+        with self._disk_hits_lock:
+            self.disk_cache_hits += 1
         return EncodedImage(key=image_key, features=self.engine.features_from_numpy(features), width=width, height=height)
 
     def _write_disk_features(self, encoded: EncodedImage) -> None:
@@ -233,8 +262,13 @@ class InteractiveSegmenter:
 
     def _object_logits(self, image: EncodedImage, clicks: ClickKey, timings: PredictionTimings) -> np.ndarray:
         """Logits after this click sequence: one decoder run when the prefix's state is known."""
+        key = (image.key, clicks)
 
         def decode() -> np.ndarray:
+            if self.shared_store is not None:
+                stored = self.shared_store.load_state(key)
+                if stored is not None:
+                    return stored
             if len(clicks) == 1:
                 prev_mask = np.zeros((MODEL_SIZE, MODEL_SIZE), dtype=np.float32)
             else:
@@ -246,9 +280,11 @@ class InteractiveSegmenter:
             logits = self.engine.decode(image.features, coords, labels, prev_mask)
             timings.decoder_runs += 1
             timings.decoder_ms += (time.perf_counter() - started) * 1000
+            if self.shared_store is not None:  # before the click is answered: the next may land elsewhere
+                self.shared_store.store_state(key, logits)
             return logits
 
-        return self.object_states.get_or_compute((image.key, clicks), decode)
+        return self.object_states.get_or_compute(key, decode)
 
     def predict(self, image_key: str, clicks: Sequence[Click], frame_width: int, frame_height: int) -> Prediction:
         """The object's mask after these clicks, in the frame_width x frame_height frame the clicks are in.

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_MODEL_URL = (
     "https://github.com/darktable-org/darktable-ai/releases/download/release-5.6.0/"
@@ -22,6 +23,17 @@ MIB = 1024 * 1024
 
 # The region kinds the backend can answer, by the name REGION_CONTROL_ORDER uses for each.
 REGION_KINDS = ("brush", "polygon", "rectangle")
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, fit for logs and /health."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 class SettingsError(ValueError):
@@ -87,6 +99,15 @@ class Settings:
     device: str = "cpu"
     # How many decoder runs may go at once; the rest wait their turn (each holds ~1 GB on SegNext).
     max_concurrent_decodes: int = 1
+    # Redis shared by every backend process (redis://host:6379/0): image features and object click states are
+    # kept there too, so any process can serve any click. Empty: off (each process keeps its own).
+    redis_url: str = ""
+    # Entries in Redis expire this long after they were last read or written.
+    redis_ttl_seconds: int = 3600
+    # Seconds to connect to Redis and for each reply: a slow Redis costs a click at most this, then is skipped.
+    redis_socket_timeout: float = 1.0
+    # After a Redis failure, serve from this process's caches alone this long before trying Redis again.
+    redis_retry_seconds: float = 10.0
     # Which control answers a click when several on the image carry its label: the first kind in this order
     # that has one. Kinds left out are never answered. Brush first: the mask as it is, as before polygons.
     region_control_order: tuple[str, ...] = REGION_KINDS
@@ -144,8 +165,9 @@ class Settings:
             if not math.isfinite(value):
                 raise SettingsError(f"{name}={value} must be a finite number")
         return cls(
-            label_studio_url=text("LABEL_STUDIO_URL", "").rstrip("/"),
-            label_studio_api_key=text("LABEL_STUDIO_API_KEY", ""),
+            # LABEL_STUDIO_HOST and LABEL_STUDIO_ACCESS_TOKEN: the names label-studio-ml's examples use.
+            label_studio_url=(text("LABEL_STUDIO_URL", "") or text("LABEL_STUDIO_HOST", "")).rstrip("/"),
+            label_studio_api_key=text("LABEL_STUDIO_API_KEY", "") or text("LABEL_STUDIO_ACCESS_TOKEN", ""),
             local_files_document_root=text("LOCAL_FILES_DOCUMENT_ROOT", ""),
             allow_private_image_hosts=flag("ALLOW_PRIVATE_IMAGE_HOSTS", defaults.allow_private_image_hosts),
             basic_auth_user=text("BASIC_AUTH_USER", ""),
@@ -177,6 +199,10 @@ class Settings:
             feature_disk_cache_dir=text("FEATURE_DISK_CACHE_DIR", ""),
             feature_disk_cache_bytes=number("FEATURE_DISK_CACHE_BYTES", defaults.feature_disk_cache_bytes, int, 0),
             max_concurrent_decodes=number("MAX_CONCURRENT_DECODES", defaults.max_concurrent_decodes, int, 1),
+            redis_url=text("REDIS_URL", ""),
+            redis_ttl_seconds=number("REDIS_TTL_SECONDS", defaults.redis_ttl_seconds, int, 1),
+            redis_socket_timeout=number("REDIS_SOCKET_TIMEOUT", defaults.redis_socket_timeout, float, 0.01),
+            redis_retry_seconds=number("REDIS_RETRY_SECONDS", defaults.redis_retry_seconds, float, 0.0),
             region_control_order=order,
             polygon_tolerance=polygon_tolerance,
             polygon_min_area=polygon_min_area,
@@ -185,7 +211,9 @@ class Settings:
     def redacted(self) -> dict:
         """The settings as a dict fit for a log line: secrets are replaced by whether they are set."""
         secret = {"label_studio_api_key", "basic_auth_pass"}
-        return {
+        shown = {
             f.name: ("<set>" if getattr(self, f.name) else "<empty>") if f.name in secret else str(getattr(self, f.name))
             for f in fields(self)
         }
+        shown["redis_url"] = redact_url(self.redis_url)  # may carry a password
+        return shown

@@ -12,7 +12,18 @@ import zipfile
 from pathlib import Path
 
 import requests
-from conftest import ROOT, backend_env, click_on, decode_region, encode_png, free_port, iou, make_scene, predict_body
+from conftest import (
+    READY_DEADLINE_SECONDS,
+    ROOT,
+    backend_env,
+    click_on,
+    decode_region,
+    encode_png,
+    free_port,
+    iou,
+    make_scene,
+    predict_body,
+)
 
 
 def run_wsgi(env, *args, timeout=60) -> subprocess.CompletedProcess:
@@ -78,14 +89,14 @@ def test_gunicorn_workers_exit_cleanly_on_sigterm(tmp_path, image_server):
     try:
         scene = make_scene(300, 200, seed=5)
         path = image_server.add("/data/upload/1/stop.png", encode_png(scene.pixels))
-        deadline = time.monotonic() + 60
-        while True:  # until a worker answers a click (its ONNX Runtime threads have run)
+        deadline = time.monotonic() + READY_DEADLINE_SECONDS
+        while True:  # until a worker answers a click (its ONNX Runtime threads have run), whatever fails before
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
             try:
                 body = predict_body(path, [click_on(scene, 0)])
-                if requests.post(f"http://127.0.0.1:{port}/predict", json=body, timeout=10).status_code == 200:
+                if requests.post(f"http://127.0.0.1:{port}/predict", json=body, timeout=60).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:
                 time.sleep(0.1)
         process.send_signal(signal.SIGTERM)  # what `docker stop` sends
         assert process.wait(40) == 0
