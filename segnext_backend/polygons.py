@@ -12,9 +12,9 @@ of the scaled-up block is at 2x (edge x), its right one at 2x + 1 (edge x + 1), 
 8-connected tracing takes around concave corners land both their ends on the same corner.
 
 Label Studio's polygon has no holes. A hole is cut into its part's polygon through a slit of zero width: the
-outline goes from its nearest vertex to the hole's nearest vertex, around the hole the other way, and back
-the same way. Even-odd and non-zero fills (Label Studio's canvas, Pillow, OpenCV, pycocotools) leave the hole
-empty and add nothing along the slit.
+outline goes from its vertex nearest to the hole's top vertex over to that vertex, around the hole the other
+way, and back the same way. Filled by the even-odd or the non-zero rule, the hole stays empty and the slit
+adds nothing.
 """
 
 from __future__ import annotations
