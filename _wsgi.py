@@ -53,23 +53,11 @@ def prepare_model_files(settings: Settings) -> tuple[Path, Path]:
     return settings.model_dir / "encoder.onnx", settings.model_dir / "decoder.onnx"
 
 
-def execution_providers(settings: Settings) -> list[str]:
-    """ONNX Runtime providers for DEVICE: CUDA when asked for and available, else the CPU, saying so."""
-    if settings.device == "cuda":
-        import onnxruntime
-
-        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        logger.warning(
-            "DEVICE=cuda but this onnxruntime has no CUDA execution provider (install onnxruntime-gpu, see "
-            "requirements-gpu.txt): running on the CPU"
-        )
-    return ["CPUExecutionProvider"]
-
-
-def load(settings: Settings) -> None:
-    """Load the models into this process (once: every request shares them)."""
+def load_runtime(settings: Settings):
+    """The engine, image source and segmenter that these settings make (`model.Runtime`); tools.evaluate
+    measures the backend through this same path."""
     import model
+    from segnext_backend.device import choose_execution_providers
     from segnext_backend.engine import SegNextEngine
 
     encoder_path, decoder_path = prepare_model_files(settings)
@@ -78,14 +66,22 @@ def load(settings: Settings) -> None:
         decoder_path,
         intra_op_threads=settings.intra_op_threads,
         max_concurrent_decodes=settings.max_concurrent_decodes,
-        providers=execution_providers(settings),
+        providers=choose_execution_providers(settings.device),
         encoder_memory_arena=settings.encoder_memory_arena,
         decoder_memory_arena=settings.decoder_memory_arena,
     )
     if engine.is_test_model:
         logger.warning(DEMO_BANNER)
-    model.set_runtime(model.build_runtime(settings, engine))
-    logger.info("models loaded from %s and %s (%s)", encoder_path, decoder_path, model.get_runtime().model_version)
+    runtime = model.build_runtime(settings, engine)
+    logger.info("models loaded from %s and %s (%s)", encoder_path, decoder_path, runtime.model_version)
+    return runtime
+
+
+def load(settings: Settings) -> None:
+    """Load the models into this process (once: every request shares them)."""
+    import model
+
+    model.set_runtime(load_runtime(settings))
 
 
 def create_app(settings: Settings):
@@ -176,11 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         return health_check(settings)
     configure_logging(settings.log_level)
     logger.info("settings: %s", settings.redacted())
+    from segnext_backend.device import DeviceError
     from segnext_backend.engine import ModelInterfaceError
 
     try:
         load(settings)
-    except (ModelFilesError, ModelInterfaceError, FileNotFoundError) as error:
+    except (ModelFilesError, ModelInterfaceError, FileNotFoundError, DeviceError) as error:
         logger.error("cannot start: %s", error)
         return 1
     if args.check:

@@ -193,6 +193,9 @@ def runtime_status() -> dict:
     return {
         "model_version": runtime.model_version,
         "demo": segmenter.engine.is_test_model,
+        # DEVICE as set, and the ONNX Runtime provider that really runs the models (DEVICE=auto may mean the CPU).
+        "device": runtime.settings.device,
+        "execution_provider": segmenter.engine.execution_providers[0],
         "models": {
             role: {**asdict(info), "sha256": runtime.model_sha256[role]} for role, info in segmenter.engine.files.items()
         },

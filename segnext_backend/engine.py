@@ -130,10 +130,13 @@ class SegNextEngine:
         check_interface(self.encoder, str(encoder_path), ENCODER_INPUTS, ENCODER_OUTPUTS)
         self.decoder = _load(Path(decoder_path), _session_options(intra_op_threads, decoder_memory_arena), providers)
         check_interface(self.decoder, str(decoder_path), DECODER_INPUTS, DECODER_OUTPUTS)
-        active = self.decoder.get_providers()
-        if providers[0] not in active:  # e.g. onnxruntime-gpu without a usable driver: ORT falls back quietly
-            logger.warning("%s could not be started; running on %s", providers[0], ", ".join(active))
-        self.feature_device = feature_device(active)
+        # The providers that really run the models: ONNX Runtime falls back to the CPU quietly when CUDA cannot
+        # start (device.py checks before loading; this is what /health reports).
+        self.execution_providers = self.decoder.get_providers()
+        if providers[0] not in self.execution_providers:
+            logger.warning("%s could not be started; running on %s", providers[0], ", ".join(self.execution_providers))
+        self.feature_device = feature_device(self.execution_providers)
+        logger.info("execution provider: %s (image features on %s)", self.execution_providers[0], self.feature_device)
         self.files = {
             role: ModelFileInfo(
                 path=str(path),

@@ -20,6 +20,7 @@ DEFAULT_MODEL_URL = (
 DEFAULT_MODEL_SHA256 = "87936f12f815e05c6f601be5e46d69ce2e52c788ae2c26ec7e3db39d33780857"
 
 MIB = 1024 * 1024
+DEVICES = ("cpu", "cuda", "auto")  # segnext_backend/device.py says what each means
 
 # The region kinds the backend can answer, by the name REGION_CONTROL_ORDER uses for each.
 REGION_KINDS = ("brush", "polygon", "rectangle")
@@ -64,6 +65,10 @@ class Settings:
     model_dir: Path = Path("models")
     model_url: str = DEFAULT_MODEL_URL
     model_sha256: str = DEFAULT_MODEL_SHA256
+    # Under gunicorn, a failed model download is tried again after this many seconds, then after twice as long
+    # each time, at most the maximum: the server waits instead of exiting into a restart loop. 0: exit at once.
+    model_download_retry_seconds: float = 60.0
+    model_download_retry_max_seconds: float = 3600.0
     # Serve the project's colour-region test models instead of SegNext (for trying the backend out).
     demo: bool = False
     # A pixel is in the mask where the predicted probability is at least this.
@@ -95,7 +100,8 @@ class Settings:
     # shared by worker processes. Empty: off. Kept under feature_disk_cache_bytes, least recently used out first.
     feature_disk_cache_dir: str = ""
     feature_disk_cache_bytes: int = 4096 * MIB
-    # "cpu", or "cuda" for ONNX Runtime's CUDA execution provider (needs onnxruntime-gpu; falls back to CPU).
+    # "cpu"; "cuda": ONNX Runtime's CUDA execution provider or refuse to start; "auto": the GPU when it works,
+    # else the CPU with a warning (segnext_backend/device.py).
     device: str = "cpu"
     # How many decoder runs may go at once; the rest wait their turn (each holds ~1 GB on SegNext).
     max_concurrent_decodes: int = 1
@@ -152,8 +158,8 @@ class Settings:
         if not 0.0 < threshold < 1.0:
             raise SettingsError(f"MASK_THRESHOLD={threshold} must be between 0 and 1")
         device = text("DEVICE", defaults.device).lower()
-        if device not in ("cpu", "cuda"):
-            raise SettingsError(f"DEVICE={device!r} must be cpu or cuda")
+        if device not in DEVICES:
+            raise SettingsError(f"DEVICE={device!r} must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}")
         order = tuple(kind.strip().lower() for kind in (text("REGION_CONTROL_ORDER", "") or ",".join(REGION_KINDS)).split(","))
         if not set(order) <= set(REGION_KINDS) or len(set(order)) != len(order):
             raise SettingsError(
@@ -179,6 +185,12 @@ class Settings:
             model_dir=Path(text("MODEL_DIR", str(defaults.model_dir))),
             model_url=text("MODEL_URL", defaults.model_url),
             model_sha256=text("MODEL_SHA256", defaults.model_sha256).lower(),
+            model_download_retry_seconds=number(
+                "MODEL_DOWNLOAD_RETRY_SECONDS", defaults.model_download_retry_seconds, float, 0.0
+            ),
+            model_download_retry_max_seconds=number(
+                "MODEL_DOWNLOAD_RETRY_MAX_SECONDS", defaults.model_download_retry_max_seconds, float, 0.0
+            ),
             demo=flag("DEMO", defaults.demo),
             mask_threshold=threshold,
             feature_cache_bytes=number("FEATURE_CACHE_BYTES", defaults.feature_cache_bytes, int, 0),

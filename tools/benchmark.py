@@ -176,6 +176,7 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
     """Measure everything; return rows (what, median, ratio, target)."""
     import _wsgi
     import model
+    from segnext_backend.device import choose_execution_providers
     from segnext_backend.engine import SegNextEngine
     from segnext_backend.geometry import ModelFrame, to_model_input
     from segnext_backend.masks import logits_to_mask, mask_to_rle
@@ -183,11 +184,11 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
     from segnext_backend.settings import Settings
 
     encoder_path, decoder_path = ensure_models(models)
-    providers = _wsgi.execution_providers(Settings(device=device))
+    providers = choose_execution_providers(device)  # --device cuda refuses to run without the GPU
     t0 = time.perf_counter()
     engine = SegNextEngine(encoder_path, decoder_path, intra_op_threads=threads, providers=providers)
     load_s = time.perf_counter() - t0
-    print(f"providers: {', '.join(engine.decoder.get_providers())}; features on {engine.feature_device}", file=sys.stderr)
+    print(f"providers: {', '.join(engine.execution_providers)}; features on {engine.feature_device}", file=sys.stderr)
 
     rng = np.random.default_rng(0)
     image_input = rng.random((1, 3, 1024, 1024), dtype=np.float32)
