@@ -1,8 +1,10 @@
 """Label Studio in, Label Studio out: the translation between Label Studio's tasks and the segmenter.
 
 `SegNextBackend.predict` reads a smart-keypoint context (the clicks of the object being drawn), finds the
-image and the BrushLabels control it belongs to in the label config, asks the `segnext_backend` package for
-the object's mask, and answers it as one BrushLabels region. No ONNX, caching or geometry lives here.
+image and the control that the clicked label belongs to in the label config (BrushLabels, PolygonLabels or
+RectangleLabels), asks the `segnext_backend` package for the object's mask, and answers it in that control's
+region format: one brush region, one polygon per part of the mask, or the mask's box. No ONNX, caching or
+geometry lives here.
 
 The heavy state (ONNX sessions, caches) is built once per process and kept at module level: label-studio-ml
 builds a new `SegNextBackend` for every request. `_wsgi.py` loads it before it serves; under any other server
@@ -226,13 +228,22 @@ def runtime_status() -> dict:
 # -- the label config ---------------------------------------------------------------------------------------
 
 
+# The controls a click can be answered in: kind (REGION_CONTROL_ORDER's name) -> control tag, region type.
+REGION_CONTROLS = {
+    "brush": ("BrushLabels", "brushlabels"),
+    "polygon": ("PolygonLabels", "polygonlabels"),
+    "rectangle": ("RectangleLabels", "rectanglelabels"),
+}
+
+
 @dataclass(frozen=True)
 class ImageTarget:
-    """Where a smart keypoint's mask goes: the Image tag, its task data field, and the brush control."""
+    """Where a smart keypoint's mask goes: the Image tag, its task data field, and the control answered."""
 
     to_name: str
     data_field: str
-    brush_from_name: str
+    from_name: str
+    region_type: str  # brushlabels, polygonlabels or rectanglelabels
 
 
 def _controls_on(parsed: dict, tag_type: str, to_name: str) -> list[tuple[str, dict]]:
@@ -251,35 +262,46 @@ def _image_field(parsed: dict, to_name: str) -> str | None:
     return None
 
 
-def require_interactive_config(parsed: dict) -> None:
+def _controls_found(parsed: dict) -> str:
+    return ", ".join(f"{name} ({info.get('type')}: {', '.join(info.get('labels', []))})" for name, info in parsed.items())
+
+
+def require_interactive_config(parsed: dict, region_order: tuple[str, ...]) -> None:
     """A clear error for label configs that cannot work with this backend at all."""
     types = {info.get("type") for info in parsed.values()}
     inputs = {source.get("type") for info in parsed.values() for source in info.get("inputs", [])}
+    region_tags = [REGION_CONTROLS[kind][0] for kind in region_order]
     missing = [
         what
         for what, present in (
             ("an <Image> tag", "Image" in inputs),
-            ("a <BrushLabels> control", "BrushLabels" in types),
+            ("a " + " or ".join(f"<{tag}>" for tag in region_tags) + " control", bool(types & set(region_tags))),
             ("a <KeyPointLabels smart=\"true\"> control", "KeyPointLabels" in types),
         )
         if not present
     ]
     if missing:
-        raise RequestError("the label config needs " + ", ".join(missing) + " (see the README for one to paste)")
+        raise RequestError(
+            "the label config needs " + ", ".join(missing) + f" (controls found: {_controls_found(parsed) or 'none'};"
+            f" answered: REGION_CONTROL_ORDER={','.join(region_order)}; see the README for configs to paste)"
+        )
 
 
-def image_target(parsed: dict, to_name: str, label: str) -> ImageTarget:
+def image_target(parsed: dict, to_name: str, label: str, region_order: tuple[str, ...]) -> ImageTarget:
+    """The control on the image that answers `label`: the first kind in `region_order` with a control carrying
+    the label, and of several such controls of that kind, the first in the config."""
     data_field = _image_field(parsed, to_name)
     if data_field is None:
         raise RequestError(f"the label config has no <Image name=\"{to_name}\"> for the keypoints' toName")
-    brushes = _controls_on(parsed, "BrushLabels", to_name)
-    if not brushes:
-        raise RequestError(f"the label config has no <BrushLabels> control on the image '{to_name}'")
-    for name, info in brushes:
-        if label in info.get("labels", []):
-            return ImageTarget(to_name=to_name, data_field=data_field, brush_from_name=name)
-    names = ", ".join(name for name, _ in brushes)
-    raise RequestError(f"no <BrushLabels> control on '{to_name}' has the label {label!r} (controls: {names})")
+    for kind in region_order:
+        tag, region_type = REGION_CONTROLS[kind]
+        for name, info in _controls_on(parsed, tag, to_name):
+            if label in info.get("labels", []):
+                return ImageTarget(to_name=to_name, data_field=data_field, from_name=name, region_type=region_type)
+    raise RequestError(
+        f"no control on the image '{to_name}' that this backend answers carries the label {label!r} "
+        f"(controls found: {_controls_found(parsed)}; answered: REGION_CONTROL_ORDER={','.join(region_order)})"
+    )
 
 
 # -- the context: clicks of the object being drawn ----------------------------------------------------------
@@ -359,7 +381,7 @@ def clicks_from_context(context: dict) -> ObjectClicks:
 
 
 class SegNextBackend(LabelStudioMLBase):
-    """SegNext interactive segmentation: smart keypoints in, one BrushLabels region out."""
+    """SegNext interactive segmentation: smart keypoints in, brush, polygon or rectangle regions out."""
 
     @property
     def model_version(self) -> str:
@@ -379,7 +401,7 @@ class SegNextBackend(LabelStudioMLBase):
             raise RequestError("the request has no tasks")
         if not all(isinstance(task, dict) for task in tasks):
             raise RequestError("every task must be an object")
-        require_interactive_config(self.parsed_label_config)
+        require_interactive_config(self.parsed_label_config, runtime.settings.region_control_order)
 
         if not context or not context.get("result"):
             # A task was opened or predictions were asked for in a batch: nothing to segment without clicks,
@@ -395,7 +417,7 @@ class SegNextBackend(LabelStudioMLBase):
             raise RequestError(f"an interactive request must carry one task, got {len(tasks)}")
         task = tasks[0]
         obj = clicks_from_context(context)
-        target = image_target(self.parsed_label_config, obj.to_name, obj.label)
+        target = image_target(self.parsed_label_config, obj.to_name, obj.label, runtime.settings.region_control_order)
         image_key = runtime.image_source.locate(self._image_ref(task, target.data_field), task.get("id"))
         prediction = runtime.segmenter.predict(image_key, obj.clicks, obj.original_width, obj.original_height)
         logger.info(
@@ -440,19 +462,37 @@ class SegNextBackend(LabelStudioMLBase):
     def _answer(self, runtime: Runtime, obj: ObjectClicks, target: ImageTarget, object_mask) -> dict:
         prediction = {"result": [], "score": 0.0, "model_version": runtime.model_version}
         if object_mask.is_empty:
-            # An empty brush region would be an invisible suggestion the annotator cannot act on.
+            # An empty region would be an invisible suggestion the annotator cannot act on.
             return prediction
-        region = {
-            "id": uuid.uuid4().hex[:10],
-            "from_name": target.brush_from_name,
-            "to_name": target.to_name,
-            "type": "brushlabels",
-            "original_width": obj.original_width,
-            "original_height": obj.original_height,
-            "image_rotation": obj.image_rotation,
-            "value": {"format": "rle", "rle": mask_to_rle(object_mask.mask), "brushlabels": [obj.label]},
-            "score": object_mask.score,
-            "readonly": False,
-        }
-        prediction.update(result=[region], score=object_mask.score)
+        # Imported here, like the segmenter: OpenCV starts threads when imported, and a server that imports
+        # this module and then forks its workers (gunicorn --preload) must not have them in the parent.
+        from segnext_backend.polygons import bounding_box, box_to_percent, mask_polygons, to_percent
+
+        width, height = obj.original_width, obj.original_height
+        label = {target.region_type: [obj.label]}
+        if target.region_type == "polygonlabels":
+            settings = runtime.settings
+            polygons = mask_polygons(object_mask.mask, settings.polygon_tolerance, settings.polygon_min_area)
+            values = [{"points": to_percent(p, width, height), "closed": True, **label} for p in polygons]
+        elif target.region_type == "rectanglelabels":
+            values = [{**box_to_percent(bounding_box(object_mask.mask), width, height), **label}]
+        else:
+            values = [{"format": "rle", "rle": mask_to_rle(object_mask.mask), **label}]
+        regions = [
+            {
+                "id": uuid.uuid4().hex[:10],
+                "from_name": target.from_name,
+                "to_name": target.to_name,
+                "type": target.region_type,
+                "original_width": width,
+                "original_height": height,
+                "image_rotation": obj.image_rotation,
+                "value": value,
+                "score": object_mask.score,
+                "readonly": False,
+            }
+            for value in values
+        ]
+        if regions:
+            prediction.update(result=regions, score=object_mask.score)
         return prediction

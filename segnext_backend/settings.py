@@ -6,6 +6,7 @@ values it needs. Each field's comment is what the README's settings table says a
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,6 +21,9 @@ DEFAULT_MODEL_SHA256 = "87936f12f815e05c6f601be5e46d69ce2e52c788ae2c26ec7e3db39d
 
 MIB = 1024 * 1024
 DEVICES = ("cpu", "cuda", "auto")  # segnext_backend/device.py says what each means
+
+# The region kinds the backend can answer, by the name REGION_CONTROL_ORDER uses for each.
+REGION_KINDS = ("brush", "polygon", "rectangle")
 
 
 def redact_url(url: str) -> str:
@@ -110,6 +114,14 @@ class Settings:
     redis_socket_timeout: float = 1.0
     # After a Redis failure, serve from this process's caches alone this long before trying Redis again.
     redis_retry_seconds: float = 10.0
+    # Which control answers a click when several on the image carry its label: the first kind in this order
+    # that has one. Kinds left out are never answered. Brush first: the mask as it is, as before polygons.
+    region_control_order: tuple[str, ...] = REGION_KINDS
+    # Polygons: the most an answered outline may stray from the mask's pixel-edge outline, in image pixels
+    # (Douglas-Peucker; docs/performance.md measures vertices against IoU), and the smallest part answered,
+    # in pixels (smaller parts are left out, smaller holes filled).
+    polygon_tolerance: float = 1.5
+    polygon_min_area: float = 25.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -148,6 +160,16 @@ class Settings:
         device = text("DEVICE", defaults.device).lower()
         if device not in DEVICES:
             raise SettingsError(f"DEVICE={device!r} must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}")
+        order = tuple(kind.strip().lower() for kind in (text("REGION_CONTROL_ORDER", "") or ",".join(REGION_KINDS)).split(","))
+        if not set(order) <= set(REGION_KINDS) or len(set(order)) != len(order):
+            raise SettingsError(
+                f"REGION_CONTROL_ORDER={','.join(order)!r} must list some of {', '.join(REGION_KINDS)}, each once"
+            )
+        polygon_tolerance = number("POLYGON_TOLERANCE", defaults.polygon_tolerance, float, 0.0)
+        polygon_min_area = number("POLYGON_MIN_AREA", defaults.polygon_min_area, float, 0.0)
+        for name, value in (("POLYGON_TOLERANCE", polygon_tolerance), ("POLYGON_MIN_AREA", polygon_min_area)):
+            if not math.isfinite(value):
+                raise SettingsError(f"{name}={value} must be a finite number")
         return cls(
             # LABEL_STUDIO_HOST and LABEL_STUDIO_ACCESS_TOKEN: the names label-studio-ml's examples use.
             label_studio_url=(text("LABEL_STUDIO_URL", "") or text("LABEL_STUDIO_HOST", "")).rstrip("/"),
@@ -193,6 +215,9 @@ class Settings:
             redis_ttl_seconds=number("REDIS_TTL_SECONDS", defaults.redis_ttl_seconds, int, 1),
             redis_socket_timeout=number("REDIS_SOCKET_TIMEOUT", defaults.redis_socket_timeout, float, 0.01),
             redis_retry_seconds=number("REDIS_RETRY_SECONDS", defaults.redis_retry_seconds, float, 0.0),
+            region_control_order=order,
+            polygon_tolerance=polygon_tolerance,
+            polygon_min_area=polygon_min_area,
         )
 
     def redacted(self) -> dict:

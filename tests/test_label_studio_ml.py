@@ -251,7 +251,13 @@ def test_gunicorn_preload_of_wsgi_app_loads_in_each_worker_and_exits_cleanly(tmp
             assert response.status_code == 200, response.text
             region = response.json()["results"][0]["result"][0]
             assert iou(decode_region(region, 640, 480), scene.objects[index]) >= 0.98
+        # A polygon answer runs OpenCV in the worker; the master must not have it either (it starts threads).
+        body = predict_body(path, [click_on(scene, 0)])
+        body["label_config"] = LABEL_CONFIG.replace("BrushLabels", "PolygonLabels")
+        response = requests.post(url + "/predict", json=body, timeout=READY_DEADLINE_SECONDS)
+        assert response.json()["results"][0]["result"][0]["type"] == "polygonlabels", response.text
         assert not onnxruntime_mapped(process.pid), "the gunicorn master has loaded ONNX Runtime"
+        assert "cv2" not in Path(f"/proc/{process.pid}/maps").read_text(), "the gunicorn master has loaded OpenCV"
         process.send_signal(signal.SIGTERM)  # what `docker stop` sends
         assert process.wait(60) == 0
     finally:

@@ -16,6 +16,8 @@ Prints one markdown table (medians) and the machine. Each row is measured in thi
 - image fetch + decode + resize to the encoder input for a 24 MP JPEG (from the local server, uncached);
 - mask resize + threshold + brush RLE for a 12 MP frame, from smooth object-like logits, and the next
   click's `prev_mask` round trip (probability at 12 MP and back to 1024, never built at full size);
+- the polygons of that 12 MP mask (pixel-edge tracing and simplification at the default tolerance), for a
+  PolygonLabels control, each run paired with a bare decoder run;
 - peak RSS of the process (resource.getrusage).
 
 Random weights make the timings right and the masks meaningless; nothing here judges mask quality.
@@ -179,6 +181,7 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
     from segnext_backend.engine import SegNextEngine
     from segnext_backend.geometry import ModelFrame, to_model_input
     from segnext_backend.masks import logits_to_mask, mask_to_rle, sigmoid
+    from segnext_backend.polygons import mask_polygons
     from segnext_backend.settings import Settings
 
     encoder_path, decoder_path = ensure_models(models)
@@ -300,6 +303,23 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
     mask_s, _ = timed(lambda: mask_to_rle(logits_to_mask(logits, frame, 0.49).mask), runs)
     round_trip_s, _ = timed(lambda: frame.through_frame(logits, sigmoid), runs)
     click_path_s, _ = timed(lambda: (mask_to_rle(logits_to_mask(logits, frame, 0.49).mask), frame.through_frame(logits, sigmoid)), runs)
+    object_mask = logits_to_mask(logits, frame, 0.49).mask
+    defaults = Settings()
+
+    def polygons_of_mask():
+        return mask_polygons(object_mask, defaults.polygon_tolerance, defaults.polygon_min_area)
+
+    vertices = sum(len(p) for p in polygons_of_mask())
+    polygon_times, polygon_ratios = [], []
+    for _ in range(runs):  # each paired with a bare decoder run just before it
+        started = time.perf_counter()
+        engine.decoder.run(["mask"], feeds)
+        decoder_run_s = time.perf_counter() - started
+        started = time.perf_counter()
+        polygons_of_mask()
+        polygon_times.append(time.perf_counter() - started)
+        polygon_ratios.append(polygon_times[-1] / decoder_run_s)
+    polygons_s = statistics.median(polygon_times)
 
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -320,6 +340,7 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
         ("mask resize + threshold + RLE, 12 MP", ms(mask_s), f"{mask_s / decoder_s:.3f} x decoder", ""),
         ("prev_mask round trip (to 12 MP and back, sigmoid)", ms(round_trip_s), f"{round_trip_s / decoder_s:.3f} x decoder", ""),
         ("  both: what a click adds to the decoder run", ms(click_path_s), f"{click_path_s / decoder_s:.3f} x decoder", "<= 0.10"),
+        (f"polygons of the 12 MP mask (trace + simplify, {vertices} vertices)", ms(polygons_s), f"{statistics.median(polygon_ratios):.3f} x decoder (paired)", "<= 0.05"),
         ("features from the on-disk float16 cache (optional)", ms(disk_read_s), f"{disk_read_s / encoder_s:.4f} x encoder", ""),
         ("  float16 features: max abs logit diff / pixels agreeing", f"{fp16_logit_diff:.2e}", f"{fp16_mask_agree:.5f}", ""),
         ("brush RLE of the warm click's answer", f"{statistics.median(rle_bytes):,.0f} values", "", ""),

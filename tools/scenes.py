@@ -138,3 +138,39 @@ def decode_region(region: dict, width: int, height: int) -> np.ndarray:
     from label_studio_converter.brush import decode_rle
 
     return decode_rle(region["value"]["rle"]).reshape(height, width, 4)[:, :, 3] > 0
+
+
+# -- polygons as their consumers read them back ---------------------------------------------------------------
+
+
+def pillow_polygon_mask(regions: list[dict], width: int, height: int) -> np.ndarray:
+    """The pixels of PolygonLabels regions as a consumer rasterises them: each region's percent points scaled to
+    the original size and filled with Pillow's `ImageDraw.polygon`, regions OR-ed."""
+    from PIL import ImageDraw
+
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for region in regions:
+        points = [(x / 100.0 * width, y / 100.0 * height) for x, y in region["value"]["points"]]
+        draw.polygon(points, fill=255)
+    return np.asarray(canvas) > 0
+
+
+def pixel_centre_mask(polygons: list[np.ndarray], width: int, height: int) -> np.ndarray:
+    """The pixels whose centres lie inside the polygons (pixel coordinates), by the even-odd rule: the exact
+    reading of a pixel-edge outline, without Pillow's boundary pixels. For checking, not for speed."""
+    out = np.zeros((height, width), bool)
+    if not polygons:
+        return out
+    edges = np.concatenate([np.concatenate([p, np.roll(p, -1, axis=0)], axis=1) for p in polygons]).astype(np.float64)
+    low, high = np.minimum(edges[:, 1], edges[:, 3]), np.maximum(edges[:, 1], edges[:, 3])
+    centres = np.arange(width) + 0.5
+    for y in range(height):
+        row = y + 0.5
+        crossing = edges[(low <= row) & (row < high)]  # horizontal edges never cross a centre row
+        if crossing.size == 0:
+            continue
+        x0, y0, x1, y1 = crossing.T
+        xs = np.sort(x0 + (row - y0) * (x1 - x0) / (y1 - y0))
+        out[y] = np.searchsorted(xs, centres) % 2 == 1
+    return out

@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from conftest import LABEL_CONFIG, Scene, decode_region, encode_png, iou, keypoint, make_scene
+from tools.scenes import pillow_polygon_mask
 
 from .conftest import Backend, LabelStudio, log, step
 
@@ -80,18 +81,22 @@ def images() -> dict[str, Image]:
 class Lab:
     """One Label Studio project with the uploaded images and the backend connected to it."""
 
-    def __init__(self, auth_kind: str, ls: LabelStudio, api: Api, backend: Backend, project_id: int, ml_id: int,
-                 images: dict):
-        self.auth_kind, self.ls, self.api, self.backend = auth_kind, ls, api, backend
+    def __init__(self, auth_kind: str, ls: LabelStudio, api: Api, api_key: str, backend: Backend, project_id: int,
+                 ml_id: int, images: dict):
+        self.auth_kind, self.ls, self.api, self.api_key, self.backend = auth_kind, ls, api, api_key, backend
         self.project_id, self.ml_id, self.images = project_id, ml_id, images
 
-    def click(self, image: Image, points: list[dict]) -> dict | None:
-        """POST /api/ml/{id}/interactive-annotating as the front end does; the one region, or None."""
-        body = {"task": image.task_id, "context": {"result": points}}
-        response = self.api.call("POST", f"/api/ml/{self.ml_id}/interactive-annotating", json=body)
+    def regions(self, task_id: int, points: list[dict], ml_id: int | None = None) -> list[dict]:
+        """POST /api/ml/{id}/interactive-annotating as the front end does; the regions of the prediction."""
+        body = {"task": task_id, "context": {"result": points}}
+        response = self.api.call("POST", f"/api/ml/{ml_id or self.ml_id}/interactive-annotating", json=body)
         data = response.json().get("data")
         assert isinstance(data, dict), f"no prediction in {response.text[:2000]}\nbackend log:\n{self.backend.log_tail()}"
-        regions = data.get("result") or []
+        return data.get("result") or []
+
+    def click(self, image: Image, points: list[dict]) -> dict | None:
+        """The one region of the prediction for these clicks, or None."""
+        regions = self.regions(image.task_id, points)
         assert len(regions) <= 1, regions
         return regions[0] if regions else None
 
@@ -121,6 +126,42 @@ def personal_access_token(ls: LabelStudio) -> str:
     return response.json()["token"]
 
 
+def create_project(api: Api, ls: LabelStudio, backend: Backend, images: dict, label_config: str, title: str,
+                   auth_kind: str, api_key: str) -> tuple[int, int, dict[str, int]]:
+    """A project with this label config and these images, the backend connected as an interactive model:
+    (project id, ML backend id, task id by image name)."""
+    with step(f"[{auth_kind}] create the project {title!r}"):
+        project = api.call("POST", "/api/projects", json={"title": title, "label_config": label_config}).json()
+    with step(f"[{auth_kind}] upload {len(images)} images"):
+        for image in images.values():
+            files = {"file": (image.name, encode_png(image.stored, image.orientation), "image/png")}
+            api.call("POST", f"/api/projects/{project['id']}/import", files=files)
+        listed = api.call("GET", "/api/tasks", params={"project": project["id"], "page_size": 100}).json()
+        tasks = listed["tasks"] if isinstance(listed, dict) else listed
+        by_name = {}
+        for task in tasks:
+            path = task["data"]["image"]
+            assert path.startswith(f"/data/upload/{project['id']}/"), path
+            for name, image in images.items():
+                if path.endswith("-" + image.name):
+                    by_name[name] = task["id"]
+        assert sorted(by_name) == sorted(images), (by_name, [t["data"] for t in tasks])
+        # The backend must authenticate to fetch an upload: anonymous (and, for a personal access token,
+        # the token itself) is refused, so a right mask below proves that its token handling works.
+        upload = ls.url + tasks[0]["data"]["image"]
+        assert requests.get(upload, timeout=30).status_code in (401, 403)
+        assert requests.get(upload, headers={"Authorization": f"Token {api_key}"}, timeout=30).status_code == (
+            200 if auth_kind == "legacy-token" else 401
+        )
+    with step(f"[{auth_kind}] connect the backend (interactive)"):
+        ml = api.call("POST", "/api/ml", json={
+            "url": backend.url, "project": project["id"], "title": "SegNext", "is_interactive": True,
+        }).json()
+        state = api.call("GET", f"/api/ml/{ml['id']}").json()
+        assert state.get("state") in ("CO", "CONNECTED", None) or state.get("is_interactive"), state
+    return project["id"], ml["id"], by_name
+
+
 @pytest.fixture(scope="module", params=["legacy-token", "personal-access-token"])
 def lab(request, label_studio: LabelStudio, start_backend, images):
     auth_kind = request.param
@@ -142,39 +183,13 @@ def lab(request, label_studio: LabelStudio, start_backend, images):
     try:
         with step(f"[{auth_kind}] start the backend (DEMO models)"):
             backend = start_backend(ls.url, api_key)
-        with step(f"[{auth_kind}] create the project"):
-            project = api.call("POST", "/api/projects", json={"title": f"e2e {auth_kind}", "label_config": LABEL_CONFIG}).json()
-        with step(f"[{auth_kind}] upload {len(images)} images"):
-            for image in images.values():
-                files = {"file": (image.name, encode_png(image.stored, image.orientation), "image/png")}
-                api.call("POST", f"/api/projects/{project['id']}/import", files=files)
-            listed = api.call("GET", "/api/tasks", params={"project": project["id"], "page_size": 100}).json()
-            tasks = listed["tasks"] if isinstance(listed, dict) else listed
-            by_name = {}
-            for task in tasks:
-                path = task["data"]["image"]
-                assert path.startswith(f"/data/upload/{project['id']}/"), path
-                for name, image in images.items():
-                    if path.endswith("-" + image.name):
-                        by_name[name] = task["id"]
-            assert sorted(by_name) == sorted(images), (by_name, [t["data"] for t in tasks])
-            # The backend must authenticate to fetch an upload: anonymous (and, for a personal access token,
-            # the token itself) is refused, so a right mask below proves that its token handling works.
-            upload = ls.url + tasks[0]["data"]["image"]
-            assert requests.get(upload, timeout=30).status_code in (401, 403)
-            assert requests.get(upload, headers={"Authorization": f"Token {api_key}"}, timeout=30).status_code == (
-                200 if auth_kind == "legacy-token" else 401
-            )
-            lab_images = {name: Image(i.name, i.shown, i.stored, i.orientation) for name, i in images.items()}
-            for name, image in lab_images.items():
-                image.task_id = by_name[name]
-        with step(f"[{auth_kind}] connect the backend (interactive)"):
-            ml = api.call("POST", "/api/ml", json={
-                "url": backend.url, "project": project["id"], "title": "SegNext", "is_interactive": True,
-            }).json()
-            state = api.call("GET", f"/api/ml/{ml['id']}").json()
-            assert state.get("state") in ("CO", "CONNECTED", None) or state.get("is_interactive"), state
-        yield Lab(auth_kind, ls, api, backend, project["id"], ml["id"], lab_images)
+        project_id, ml_id, task_ids = create_project(
+            api, ls, backend, images, LABEL_CONFIG, f"e2e {auth_kind}", auth_kind, api_key
+        )
+        lab_images = {name: Image(i.name, i.shown, i.stored, i.orientation) for name, i in images.items()}
+        for name, image in lab_images.items():
+            image.task_id = task_ids[name]
+        yield Lab(auth_kind, ls, api, api_key, backend, project_id, ml_id, lab_images)
     finally:
         if restore_legacy is not None:  # later sessions of the same Label Studio (none here) get it back
             try:
@@ -286,3 +301,46 @@ def test_a_restart_between_two_clicks_gives_the_same_mask(lab: Lab):
     assert region["value"]["rle"] == uninterrupted[2]["value"]["rle"]
     assert region["value"]["brushlabels"] == ["Other"]
     assert iou(mask, image.shown.objects[2]) >= 0.98
+
+
+def test_polygon_and_rectangle_projects_get_their_regions_and_save_them(lab: Lab):
+    """The same clicks in a project labelled with polygons and in one labelled with boxes (no brush at all)."""
+    chosen = {name: lab.images[name] for name in ("plain", "exif6", "large")}
+    for tag, region_type in (("PolygonLabels", "polygonlabels"), ("RectangleLabels", "rectanglelabels")):
+        label_config = LABEL_CONFIG.replace("BrushLabels", tag)
+        _, ml_id, task_ids = create_project(
+            lab.api, lab.ls, lab.backend, chosen, label_config, f"e2e {tag} {lab.auth_kind}", lab.auth_kind,
+            lab.api_key,
+        )
+        cases = [("plain", [point(chosen["plain"], 2)], [2]), ("exif6", [point(chosen["exif6"], 1)], [1]),
+                 ("large", [point(chosen["large"], 0)], [0]),
+                 ("plain", [point(chosen["plain"], 0), point(chosen["plain"], 1)], [0, 1])]
+        for name, points, indices in cases:
+            shown = chosen[name].shown
+            wanted = np.any([shown.objects[i] for i in indices], axis=0)
+            with step(f"[{lab.auth_kind}] {tag}: {len(points)} click(s) on {name} ({shown.width}x{shown.height})"):
+                regions = lab.regions(task_ids[name], points, ml_id)
+            for region in regions:
+                assert region["type"] == region_type and region["from_name"] == "tag", region
+                assert (region["original_width"], region["original_height"]) == (shown.width, shown.height)
+            if region_type == "polygonlabels":
+                assert len(regions) == len(indices), f"{name}: {len(regions)} polygons for {len(indices)} part(s)"
+                score = iou(pillow_polygon_mask(regions, shown.width, shown.height), wanted)
+                assert score >= 0.97, f"{name}: IoU {score:.4f}"
+            else:
+                (region,) = regions
+                rows, columns = np.nonzero(wanted)
+                value = region["value"]
+                expected = (100 * columns.min() / shown.width, 100 * rows.min() / shown.height,
+                            100 * (columns.max() + 1) / shown.width, 100 * (rows.max() + 1) / shown.height)
+                got = (value["x"], value["y"], value["x"] + value["width"], value["y"] + value["height"])
+                assert np.allclose(got, expected, atol=0.2), (name, got, expected)  # within a pixel or so
+
+            if name == "plain" and len(points) == 2:
+                with step(f"[{lab.auth_kind}] {tag}: save the regions as an annotation and read it back"):
+                    saved = lab.api.call("POST", f"/api/tasks/{task_ids[name]}/annotations", json={"result": regions})
+                    read = lab.api.call("GET", f"/api/annotations/{saved.json()['id']}").json()
+                by_id = {r["id"]: r for r in read["result"]}
+                assert sorted(by_id) == sorted(r["id"] for r in regions)
+                for region in regions:
+                    assert by_id[region["id"]]["value"] == region["value"], region["id"]
