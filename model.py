@@ -10,6 +10,7 @@ level: label-studio-ml builds a new `SegNextBackend` for every request.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import uuid
@@ -17,11 +18,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from label_studio_ml.model import LabelStudioMLBase
+from label_studio_tools.core.label_config import parse_config
 
-from segnext_backend.errors import NotReadyError, RequestError
-from segnext_backend.images import ImageFetchConfig, ImageSource
+from segnext_backend.caches import LruCache
+from segnext_backend.errors import ImageTooLargeError, NotReadyError, RequestError
+from segnext_backend.images import ImageFetchConfig, ImageSource, abort_download
+from segnext_backend.limits import check_frame_size
 from segnext_backend.masks import mask_to_rle
 from segnext_backend.model_files import file_sha256
+from segnext_backend.preencode import PreEncoder
 from segnext_backend.segmenter import Click, InteractiveSegmenter
 from segnext_backend.settings import Settings
 
@@ -40,6 +45,7 @@ class Runtime:
     segmenter: InteractiveSegmenter
     model_version: str
     model_sha256: dict  # role -> SHA-256 of the loaded file, for /health
+    pre_encoder: PreEncoder
 
 
 _runtime: Runtime | None = None
@@ -58,11 +64,14 @@ def build_runtime(settings: Settings, engine) -> Runtime:
             max_pixels=settings.max_image_pixels,
             connect_timeout=settings.image_connect_timeout,
             read_timeout=settings.image_read_timeout,
+            download_timeout=settings.image_download_timeout,
+            revalidate_seconds=settings.image_revalidate_seconds,
+            decode_pixel_budget=settings.decode_pixel_budget,
         )
     )
     segmenter = InteractiveSegmenter(
         engine,
-        # The segmenter's image key is an ImageRef: the image source knows how to fetch it.
+        # The segmenter's image key is an ImageVersion (a content digest): the image source knows its bytes.
         load_image=image_source.load,
         mask_threshold=settings.mask_threshold,
         feature_cache_bytes=settings.feature_cache_bytes,
@@ -70,19 +79,34 @@ def build_runtime(settings: Settings, engine) -> Runtime:
         max_clicks=settings.max_clicks,
         feature_disk_cache_dir=settings.feature_disk_cache_dir or None,
         feature_disk_cache_bytes=settings.feature_disk_cache_bytes,
+        max_decoder_runs=settings.max_decoder_runs_per_request,
+    )
+    pre_encoder = PreEncoder(
+        lambda ref: segmenter.encoded_image(image_source.current(ref)), settings.preencode_queue_length, abort_download
     )
     version = DEMO_VERSION if engine.is_test_model else SEGNEXT_VERSION
     digests = {role: file_sha256(Path(info.path)) for role, info in engine.files.items()}
     return Runtime(
-        settings=settings, image_source=image_source, segmenter=segmenter, model_version=version, model_sha256=digests
+        settings=settings,
+        image_source=image_source,
+        segmenter=segmenter,
+        model_version=version,
+        model_sha256=digests,
+        pre_encoder=pre_encoder,
     )
 
 
 def set_runtime(runtime: Runtime | None) -> None:
     global _runtime
     if _runtime is not None and _runtime is not runtime:
-        _runtime.segmenter.shutdown()
+        _runtime.pre_encoder.stop()
     _runtime = runtime
+
+
+def stop_background_work() -> None:
+    """On SIGTERM: no more background fetches or encodes (the clicks in progress still finish)."""
+    if _runtime is not None:
+        _runtime.pre_encoder.stop()
 
 
 def get_runtime() -> Runtime:
@@ -108,6 +132,24 @@ def runtime_status() -> dict:
 
 
 # -- the label config ---------------------------------------------------------------------------------------
+
+# Parsed configs by SHA-256 of their text: every click of a project carries the same config. Bounded by the
+# bytes of the config texts (the parsed form is a few times larger).
+_parsed_configs: LruCache[str, tuple[int, dict]] = LruCache(8 * 1024 * 1024, lambda entry: entry[0])
+
+
+def parsed_label_config(label_config: str | None) -> dict:
+    """The parsed label config (shared between requests: read it, never change it)."""
+    if not label_config:
+        return {}
+    limit = _runtime.settings.max_label_config_bytes if _runtime else Settings().max_label_config_bytes
+    size = len(label_config.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise ImageTooLargeError(
+            f"the label config is {size} bytes, over the limit of {limit} (MAX_LABEL_CONFIG_BYTES)"
+        ) from None
+    digest = hashlib.sha256(label_config.encode("utf-8", "surrogatepass")).hexdigest()
+    return _parsed_configs.get_or_compute(digest, lambda: (size, parse_config(label_config)))[1]
 
 
 @dataclass(frozen=True)
@@ -181,10 +223,14 @@ class ObjectClicks:
 
 def _number(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"{what} must be a number, got {value!r}")
-    if not math.isfinite(value):
+        raise RequestError(f"{what} must be a number, got {str(value)[:40]!r}")
+    try:
+        number = float(value)  # an int beyond float's range (10**400) raises here
+    except OverflowError:
+        raise RequestError(f"{what} must be a finite number, got one of {len(str(value))} digits") from None
+    if not math.isfinite(number):
         raise RequestError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
+    return number
 
 
 def _size(value, what: str) -> int:
@@ -243,6 +289,11 @@ def clicks_from_context(context: dict) -> ObjectClicks:
 class SegNextBackend(LabelStudioMLBase):
     """SegNext interactive segmentation: smart keypoints in, one BrushLabels region out."""
 
+    def __init__(self, label_config=None, **kwargs):
+        super().__init__(label_config=None, **kwargs)  # parsed below: bounded, and once per distinct config
+        self.label_config = label_config
+        self.parsed_label_config = parsed_label_config(label_config)
+
     @property
     def model_version(self) -> str:
         return _runtime.model_version if _runtime else SEGNEXT_VERSION
@@ -253,6 +304,11 @@ class SegNextBackend(LabelStudioMLBase):
             raise RequestError("the request has no tasks")
         if not all(isinstance(task, dict) for task in tasks):
             raise RequestError("every task must be an object")
+        if len(tasks) > runtime.settings.max_tasks_per_request:
+            raise ImageTooLargeError(
+                f"the request carries {len(tasks)} tasks, over the limit of {runtime.settings.max_tasks_per_request} "
+                "(MAX_TASKS_PER_REQUEST)"
+            )
         require_interactive_config(self.parsed_label_config)
 
         if not context or not context.get("result"):
@@ -266,8 +322,10 @@ class SegNextBackend(LabelStudioMLBase):
             raise RequestError(f"an interactive request must carry one task, got {len(tasks)}")
         task = tasks[0]
         obj = clicks_from_context(context)
+        check_frame_size(obj.original_width, obj.original_height, runtime.settings.max_image_pixels)
         target = image_target(self.parsed_label_config, obj.to_name, obj.label)
-        image_key = runtime.image_source.locate(self._image_ref(task, target.data_field), task.get("id"))
+        image_ref = runtime.image_source.locate(self._image_ref(task, target.data_field), task.get("id"))
+        image_key = runtime.image_source.current(image_ref)
         prediction = runtime.segmenter.predict(image_key, obj.clicks, obj.original_width, obj.original_height)
         logger.info(
             "task %s: %d click(s) on %dx%d image, features %s (encoder %.0f ms), %d decoder run(s) %.0f ms, "
@@ -297,11 +355,11 @@ class SegNextBackend(LabelStudioMLBase):
                 if source.get("type") != "Image":
                     continue
                 try:
-                    image_key = runtime.image_source.locate(self._image_ref(task, source.get("value")), task.get("id"))
+                    image_ref = runtime.image_source.locate(self._image_ref(task, source.get("value")), task.get("id"))
                 except RequestError as error:
-                    logger.info("task %s: not pre-encoding its image: %s", task.get("id"), error)
+                    logger.info("task %s: not pre-encoding its image: %s", str(task.get("id"))[:40], error)
                     continue
-                runtime.segmenter.encode_in_background(image_key)
+                runtime.pre_encoder.submit(image_ref)
                 return
 
     def _answer(self, runtime: Runtime, obj: ObjectClicks, target: ImageTarget, object_mask) -> dict:

@@ -112,7 +112,7 @@ def make_client(test_model_paths, image_server):
 
     def make(**overrides):
         settings = replace(
-            Settings(), label_studio_url=image_server.url, label_studio_api_key="test-token", **overrides
+            Settings(), **{"label_studio_url": image_server.url, "label_studio_api_key": "test-token", **overrides}
         )
         spy = EngineSpy(SegNextEngine(*test_model_paths, intra_op_threads=1))
         runtime = model.build_runtime(settings, spy)
@@ -125,7 +125,7 @@ def make_client(test_model_paths, image_server):
     yield make
     model.set_runtime(None)
     for runtime in made:
-        runtime.segmenter.shutdown()
+        runtime.pre_encoder.stop()
 
 
 def backend_env(tmp_path, **extra) -> dict:

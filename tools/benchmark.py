@@ -227,7 +227,7 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
         started = time.perf_counter()
         post(predict_body(path12, None))
         open_answer_s = time.perf_counter() - started
-        segmenter._background.submit(lambda: None).result()  # the one background worker is done
+        runtime.pre_encoder.wait_idle()  # the background encode is done
         started = time.perf_counter()
         post(predict_body(path12, [first]))
         first_click_s = time.perf_counter() - started
