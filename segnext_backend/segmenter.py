@@ -193,10 +193,7 @@ class InteractiveSegmenter:
             os.replace(tmp, path)
         except OSError as error:  # a full or read-only disk costs the cache, not the click
             logger.warning("could not write cached features %s: %s", path.name, error)
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
+            tmp.unlink(missing_ok=True)  # may fail too (a read-only folder): encoded_image logs it and goes on
             return
         self._trim_disk_cache()
 
