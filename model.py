@@ -21,7 +21,7 @@ from label_studio_ml.model import LabelStudioMLBase
 from label_studio_tools.core.label_config import parse_config
 
 from segnext_backend.caches import LruCache
-from segnext_backend.errors import ImageTooLargeError, NotReadyError, RequestError
+from segnext_backend.errors import NotReadyError, RequestError, TooLargeError
 from segnext_backend.images import ImageFetchConfig, ImageSource, abort_download
 from segnext_backend.limits import check_frame_size
 from segnext_backend.masks import mask_to_rle
@@ -143,13 +143,11 @@ def parsed_label_config(label_config: str | None) -> dict:
     if not label_config:
         return {}
     limit = _runtime.settings.max_label_config_bytes if _runtime else Settings().max_label_config_bytes
-    size = len(label_config.encode("utf-8", "surrogatepass"))
-    if size > limit:
-        raise ImageTooLargeError(
-            f"the label config is {size} bytes, over the limit of {limit} (MAX_LABEL_CONFIG_BYTES)"
-        ) from None
-    digest = hashlib.sha256(label_config.encode("utf-8", "surrogatepass")).hexdigest()
-    return _parsed_configs.get_or_compute(digest, lambda: (size, parse_config(label_config)))[1]
+    text = label_config.encode("utf-8", "surrogatepass")
+    if len(text) > limit:
+        raise TooLargeError(f"the label config is {len(text)} bytes, over the limit of {limit} (MAX_LABEL_CONFIG_BYTES)")
+    digest = hashlib.sha256(text).hexdigest()
+    return _parsed_configs.get_or_compute(digest, lambda: (len(text), parse_config(label_config)))[1]
 
 
 @dataclass(frozen=True)
@@ -305,7 +303,7 @@ class SegNextBackend(LabelStudioMLBase):
         if not all(isinstance(task, dict) for task in tasks):
             raise RequestError("every task must be an object")
         if len(tasks) > runtime.settings.max_tasks_per_request:
-            raise ImageTooLargeError(
+            raise TooLargeError(
                 f"the request carries {len(tasks)} tasks, over the limit of {runtime.settings.max_tasks_per_request} "
                 "(MAX_TASKS_PER_REQUEST)"
             )

@@ -28,7 +28,9 @@ class PreEncoder:
         self._stopped = False
         self._busy = False
         self.dropped = 0
-        self._thread = threading.Thread(target=self._run, name="pre-encode")
+        # A daemon: a process that ends (`_wsgi.py --check`, the development server) does not wait for it;
+        # under gunicorn, SIGTERM stops it first (gunicorn.conf.py).
+        self._thread = threading.Thread(target=self._run, name="pre-encode", daemon=True)
         self._thread.start()
 
     def submit(self, item: Hashable) -> None:

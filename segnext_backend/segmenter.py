@@ -234,10 +234,10 @@ class InteractiveSegmenter:
         model_points = frame.clicks_to_model_frame(points).astype(int)
         return tuple((int(x), int(y), int(c.positive)) for (x, y), c in zip(model_points, clicks))
 
-    def _check_decoder_runs(self, image: EncodedImage, clicks: ClickKey) -> None:
-        """Refuse, before any decoder run, a click whose replay would cost more runs than one request may."""
+    def _check_decoder_runs(self, image_key, clicks: ClickKey) -> None:
+        """Refuse, before any work, a click whose replay would cost more decoder runs than one request may."""
         runs = 0
-        while runs < len(clicks) and (image.key, clicks[: len(clicks) - runs]) not in self.object_states:
+        while runs < len(clicks) and (image_key, clicks[: len(clicks) - runs]) not in self.object_states:
             runs += 1
             if runs > self.max_decoder_runs:
                 raise RequestError(
@@ -280,8 +280,8 @@ class InteractiveSegmenter:
         frame = ModelFrame(frame_width, frame_height)
         click_key = self._click_key(clicks, frame)
         timings = PredictionTimings()
+        self._check_decoder_runs(image_key, click_key)
         image = self.encoded_image(image_key, timings)
-        self._check_decoder_runs(image, click_key)
         logits = self._object_logits(image, click_key, timings)
         started = time.perf_counter()
         object_mask = logits_to_mask(logits, frame, self.mask_threshold)

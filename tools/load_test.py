@@ -44,6 +44,7 @@ class RunResult:
     seconds: float
     latencies_ms: list[float]
     peak_rss_mb: float
+    error_examples: list[str]
 
     def row(self) -> str:
         lat = sorted(self.latencies_ms)
@@ -130,7 +131,7 @@ def run(
                 raise RuntimeError("backend did not start: " + (workdir / "backend.log").read_text()[-2000:])
             time.sleep(0.1)
 
-        latencies, errors, wrong = [], [0], [0]
+        latencies, errors, wrong, examples = [], [0], [0], []
         request_timeout = time_limit if models else 120  # SegNext-sized clicks queue for minutes on a small CPU
         lock = threading.Lock()
         stop_at = time.monotonic() + time_limit
@@ -161,9 +162,13 @@ def run(
                             right = ok
                         else:
                             right = bool(regions) and iou(decode_region(regions[0], scene.width, scene.height), expected) >= 0.98
-                    except (requests.RequestException, ValueError, KeyError, IndexError):
+                    except (requests.RequestException, ValueError, KeyError, IndexError) as error:
                         ok, right, elapsed = False, False, (time.perf_counter() - started) * 1000
+                        response = error
                     with lock:
+                        if not ok and len(examples) < 5:
+                            what = getattr(response, "text", None) or repr(response)
+                            examples.append(f"{getattr(response, 'status_code', '')} {what[:200]} after {elapsed:.0f} ms")
                         latencies.append(elapsed)
                         errors[0] += not ok
                         wrong[0] += ok and not right
@@ -173,7 +178,7 @@ def run(
             list(pool.map(annotator, range(annotators)))
         seconds = time.perf_counter() - started
         rss = _peak_rss_mb([backend.pid] + _children(backend.pid))
-        return RunResult(annotators, len(latencies), errors[0], wrong[0], seconds, latencies, rss)
+        return RunResult(annotators, len(latencies), errors[0], wrong[0], seconds, latencies, rss, examples)
     finally:
         backend.terminate()
         try:
@@ -200,6 +205,8 @@ def main(argv=None) -> int:
     for n in args.annotators:
         result = run(n, args.tasks, args.clicks, threads=args.threads, time_limit=args.time_limit, models=args.models)
         print(result.row(), flush=True)
+        for example in result.error_examples:
+            print(f"  error: {example}", file=sys.stderr, flush=True)
         failed |= result.errors > 0 or result.wrong_masks > 0
     return 1 if failed else 0
 
