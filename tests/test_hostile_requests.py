@@ -569,23 +569,37 @@ def test_a_replay_keeps_only_its_last_states(make_client, image_server):
 
 
 def test_sigterm_under_gunicorn_stops_pre_encoding_at_once(tmp_path, image_server):
+    """While gunicorn lets a click in progress finish, no more images of opened tasks are fetched."""
     from conftest import wait_until_healthy
 
     from tools.file_server import free_port
 
+    class SlowImage(http.server.BaseHTTPRequestHandler):  # the in-progress click's image: 5 s to answer
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            time.sleep(5)
+            body = encode_png(make_scene(320, 240).pixels)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    slow_url, slow = start_server(SlowImage)
     port = free_port()
     log = tmp_path / "gunicorn.log"
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"],
         cwd=ROOT,
-        env=backend_env(tmp_path, DEMO="true", PORT=str(port), LABEL_STUDIO_URL=image_server.url),
+        env=backend_env(tmp_path, DEMO="true", PORT=str(port), LABEL_STUDIO_URL=image_server.url, ALLOW_PRIVATE_IMAGE_HOSTS="true"),
         stdout=log.open("w"),
         stderr=subprocess.STDOUT,
     )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until_healthy(url, process, log)
-        image_server.delay_seconds = 3  # every image takes a while: 10 queued would take 30 s and more
+        image_server.delay_seconds = 1  # each opened task's image takes a second: 10 would take 10 s and more
         body = predict_body("/data/upload/1/q0.png", None)
         body["tasks"] = [{**body["tasks"][0], "id": i + 1, "data": {"image": f"/data/upload/1/q{i}.png"}} for i in range(10)]
         assert requests.post(url + "/predict", json=body, timeout=30).json()["results"] == []
@@ -593,11 +607,18 @@ def test_sigterm_under_gunicorn_stops_pre_encoding_at_once(tmp_path, image_serve
         while not image_server.requests:
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
+        click = threading.Thread(
+            target=lambda: requests.post(url + "/predict", json=predict_body(slow_url + "/x.png", [click_on(make_scene(320, 240), 0)]), timeout=60)
+        )
+        click.start()
+        time.sleep(1)  # the click is in progress (its image takes 5 s)
+        fetched_before = len(image_server.requests)
         process.send_signal(signal.SIGTERM)
-        started = time.monotonic()
         assert process.wait(60) == 0
-        assert time.monotonic() - started < 10, log.read_text()
-        assert len(image_server.requests) == 1  # nothing fetched after the signal
+        click.join(60)
+        assert len(image_server.requests) == fetched_before, log.read_text()  # nothing fetched after the signal
     finally:
         if process.poll() is None:
             process.kill()
+        slow.shutdown()
+        slow.server_close()
