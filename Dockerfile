@@ -1,8 +1,11 @@
 # segnext-backend: SegNext interactive segmentation for Label Studio.
 #   docker build -t segnext-backend .                                  (CPU)
-#   docker build -t segnext-backend:gpu --build-arg DEVICE=cuda .      (GPU: onnxruntime-gpu)
+#   docker build -t segnext-backend:gpu --build-arg DEVICE=auto .      (GPU: onnxruntime-gpu with CUDA and cuDNN)
+# DEVICE is also the image's default setting: `auto` uses the GPU when it works and says why not otherwise,
+# `cuda` refuses to start without it (README.md, "GPU"). Run GPU images with `docker run --gpus all`.
 # The model files are not in the image: they live in the /models volume and are downloaded there at the
-# first start (or put there by hand, see README.md).
+# first start (or put there by hand, see README.md). The image runs as uid 1000, which must be able to write
+# to /models for the download.
 FROM python:3.11-slim
 
 ARG DEVICE=cpu
@@ -21,8 +24,9 @@ RUN useradd --create-home --uid 1000 segnext \
 # The same install steps as scripts/install.sh (which tests/test_deploy.py runs in a clean virtual environment).
 COPY requirements.txt requirements-no-deps.txt requirements-gpu.txt ./
 COPY scripts/install.sh scripts/install.sh
+RUN case "$DEVICE" in cpu|cuda|auto) ;; *) echo "DEVICE=$DEVICE: use cpu, cuda or auto" >&2; exit 1;; esac
 RUN bash scripts/install.sh \
-    && if [ "$DEVICE" = "cuda" ]; then \
+    && if [ "$DEVICE" != "cpu" ]; then \
          /opt/venv/bin/pip uninstall --yes onnxruntime \
          && /opt/venv/bin/pip install -r requirements-gpu.txt; \
        fi

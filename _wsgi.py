@@ -1,9 +1,12 @@
 """The backend's process: settings, logging, model files, and the web server.
 
     python _wsgi.py --host 0.0.0.0 --port 9090      # Flask's threaded server, one process
+    label-studio-ml start . -p 9090                 # the same, as label-studio-ml starts a backend
     gunicorn -c gunicorn.conf.py                    # production: WORKERS processes x THREADS threads
+    gunicorn --preload _wsgi:app                    # label-studio-ml's Docker command: workers load on first use
 
-Every setting comes from the environment (see the README); the command line only says where to listen.
+Every setting comes from the environment (see the README); label-studio-ml's command-line flags (-p/--port,
+--host, --basic-auth-user, --basic-auth-pass, --log-level, --model-dir) override their variables.
 Missing model files are downloaded first (by gunicorn's master, once); a model file that cannot be loaded
 stops the process with a message that says why, before it listens.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -43,30 +47,17 @@ def configure_logging(level: str) -> None:
 def prepare_model_files(settings: Settings) -> tuple[Path, Path]:
     """Where the encoder and decoder are, downloading them (or building the demo ones) first if needed."""
     if settings.demo:
-        from tools.test_models import build_test_models
+        from segnext_backend.demo_models import build_demo_models
 
-        return build_test_models(settings.model_dir / "demo")
+        return build_demo_models(settings.model_dir / "demo")
     ensure_model_files(settings.model_dir, settings.model_url, settings.model_sha256)
     return settings.model_dir / "encoder.onnx", settings.model_dir / "decoder.onnx"
-
-
-def execution_providers(settings: Settings) -> list[str]:
-    """ONNX Runtime providers for DEVICE: CUDA when asked for and available, else the CPU, saying so."""
-    if settings.device == "cuda":
-        import onnxruntime
-
-        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        logger.warning(
-            "DEVICE=cuda but this onnxruntime has no CUDA execution provider (install onnxruntime-gpu, see "
-            "requirements-gpu.txt): running on the CPU"
-        )
-    return ["CPUExecutionProvider"]
 
 
 def load(settings: Settings) -> None:
     """Load the models into this process (once: every request shares them)."""
     import model
+    from segnext_backend.device import choose_execution_providers
     from segnext_backend.engine import SegNextEngine
 
     encoder_path, decoder_path = prepare_model_files(settings)
@@ -75,7 +66,7 @@ def load(settings: Settings) -> None:
         decoder_path,
         intra_op_threads=settings.intra_op_threads,
         max_concurrent_decodes=settings.max_concurrent_decodes,
-        providers=execution_providers(settings),
+        providers=choose_execution_providers(settings.device),
         encoder_memory_arena=settings.encoder_memory_arena,
         decoder_memory_arena=settings.decoder_memory_arena,
     )
@@ -101,6 +92,19 @@ def gunicorn_app():
     return create_app(settings)
 
 
+def __getattr__(name: str):
+    # `gunicorn _wsgi:app`, the command of label-studio-ml's Docker template, with or without --preload: the
+    # app is made when it is asked for, not at import (gunicorn.conf.py imports this module too), and it
+    # loads the models in the worker on first use (model.start_loading), never in the master.
+    if name == "app":
+        global app
+        settings = Settings.from_env()
+        configure_logging(settings.log_level)
+        app = create_app(settings)
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def health_check(settings: Settings) -> int:
     import requests
 
@@ -117,18 +121,45 @@ def health_check(settings: Settings) -> int:
     return 0 if response.status_code == 200 else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1-65535)")
+    return int(text)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line: label-studio-ml's flags (`label-studio-ml start DIR -p 9090` passes them on) and ours."""
     parser = argparse.ArgumentParser(description="SegNext ML backend for Label Studio")
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=9090, help="port to listen on (default 9090)")
+    parser.add_argument("-p", "--port", type=_port, help="port to listen on (default: PORT, 9090)")
+    parser.add_argument("--basic-auth-user", help="protect every route with basic auth (BASIC_AUTH_USER)")
+    parser.add_argument("--basic-auth-pass", help="the basic auth password (BASIC_AUTH_PASS)")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(LOG_LEVEL)")
+    parser.add_argument("--model-dir", type=Path, help="folder of encoder.onnx and decoder.onnx (MODEL_DIR)")
     parser.add_argument("--check", action="store_true", help="fetch and load the models, then exit")
     parser.add_argument(
         "--health-check", action="store_true", help="exit 0 if the backend on PORT answers /health (for Docker)"
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The environment's settings, with the values given on the command line in place of their variables."""
+    flags = {
+        "port": args.port,
+        "basic_auth_user": args.basic_auth_user,
+        "basic_auth_pass": args.basic_auth_pass,
+        "log_level": args.log_level,
+        "model_dir": args.model_dir,
+    }
+    given = {name: value for name, value in flags.items() if value is not None}
+    return dataclasses.replace(Settings.from_env(), **given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        settings = Settings.from_env()
+        settings = settings_from(args)
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -136,17 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         return health_check(settings)
     configure_logging(settings.log_level)
     logger.info("settings: %s", settings.redacted())
+    from segnext_backend.device import DeviceError
     from segnext_backend.engine import ModelInterfaceError
 
     try:
         load(settings)
-    except (ModelFilesError, ModelInterfaceError, FileNotFoundError) as error:
+    except (ModelFilesError, ModelInterfaceError, FileNotFoundError, DeviceError) as error:
         logger.error("cannot start: %s", error)
         return 1
     if args.check:
         return 0
-    app = create_app(settings)
-    app.run(host=args.host, port=args.port, threaded=True)
+    create_app(settings).run(host=args.host, port=settings.port, threaded=True)
     return 0
 
 

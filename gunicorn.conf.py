@@ -1,13 +1,15 @@
 """gunicorn settings: `gunicorn -c gunicorn.conf.py`. WORKERS, THREADS and PORT come from the environment.
 
 No `preload_app`: ONNX Runtime sessions (and CUDA contexts) must be created in each worker, after the fork.
-The model files are fetched once, in the master, before any worker starts.
+The model files are fetched once, in the master, before any worker starts; a failed download is retried
+there with a growing delay (MODEL_DOWNLOAD_RETRY_SECONDS) while the server does not listen yet.
 """
 
 import signal
 import sys
 
 import _wsgi
+from segnext_backend.model_files import retry_failed_downloads
 from segnext_backend.settings import Settings
 
 _settings = Settings.from_env()
@@ -26,8 +28,17 @@ accesslog = "-"
 
 def on_starting(server):
     _wsgi.configure_logging(_settings.log_level)
+    # gunicorn installs its signal handlers after this hook. Until then SIGTERM (`docker stop`) would do nothing
+    # in a container, where this process is PID 1 and the kernel drops signals it has no handler for.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
-        _wsgi.prepare_model_files(_settings)
+        # A download that fails is tried again later, in this process: exiting would let Docker's restart
+        # policy start the ~440 MB download over and over.
+        retry_failed_downloads(
+            lambda: _wsgi.prepare_model_files(_settings),
+            first_delay=_settings.model_download_retry_seconds,
+            max_delay=_settings.model_download_retry_max_seconds,
+        )
     except Exception as error:  # a clear message and a non-zero exit, not a crash loop of workers
         server.log.error("cannot start: %s", error)
         sys.exit(1)

@@ -4,8 +4,10 @@
 image and the BrushLabels control it belongs to in the label config, asks the `segnext_backend` package for
 the object's mask, and answers it as one BrushLabels region. No ONNX, caching or geometry lives here.
 
-The heavy state (ONNX sessions, caches) is built once per process by `load_runtime` and kept at module
-level: label-studio-ml builds a new `SegNextBackend` for every request.
+The heavy state (ONNX sessions, caches) is built once per process and kept at module level: label-studio-ml
+builds a new `SegNextBackend` for every request. `_wsgi.py` loads it before it serves; under any other server
+(label-studio-ml's own `init_app(model_class=SegNextBackend)`, `gunicorn --preload`) the first request that
+needs it loads it, in the process that serves (never in a parent that forks workers).
 """
 
 from __future__ import annotations
@@ -13,9 +15,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
+import threading
+import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from label_studio_ml.model import LabelStudioMLBase
 from label_studio_tools.core.label_config import parse_config
@@ -27,8 +34,13 @@ from segnext_backend.limits import check_frame_size
 from segnext_backend.masks import mask_to_rle
 from segnext_backend.model_files import file_sha256
 from segnext_backend.preencode import PreEncoder
-from segnext_backend.segmenter import Click, InteractiveSegmenter
 from segnext_backend.settings import Settings
+
+# The segmenter (and with it ONNX Runtime) is imported where it is used, not here: a server that imports this
+# module and then forks its workers (gunicorn --preload) must not have imported onnxruntime, or every worker
+# aborts when it exits.
+if TYPE_CHECKING:
+    from segnext_backend.segmenter import Click, InteractiveSegmenter
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +62,17 @@ class Runtime:
 
 _runtime: Runtime | None = None
 
+# A failed load (model files that cannot be fetched, say) is tried again after this long, not on every request.
+LOAD_RETRY_SECONDS = 60.0
+_load_lock = threading.Lock()
+_load: Future | None = None  # this process's load of the models, once started
+_load_started = 0.0
+
 
 def build_runtime(settings: Settings, engine) -> Runtime:
+    from segnext_backend.segmenter import InteractiveSegmenter
+    from segnext_backend.shared_store import SharedStore
+
     image_source = ImageSource(
         ImageFetchConfig(
             label_studio_url=settings.label_studio_url,
@@ -69,6 +90,20 @@ def build_runtime(settings: Settings, engine) -> Runtime:
             decode_pixel_budget=settings.decode_pixel_budget,
         )
     )
+    digests = {role: file_sha256(Path(info.path)) for role, info in engine.files.items()}
+    shared_store = None
+    if settings.redis_url:
+        # Values computed by other model files must never be read: the namespace is the files' digests.
+        namespace = hashlib.sha256((digests["encoder"] + digests["decoder"]).encode()).hexdigest()[:20]
+        shared_store = SharedStore(
+            settings.redis_url,
+            namespace=namespace,
+            ttl_seconds=settings.redis_ttl_seconds,
+            socket_timeout=settings.redis_socket_timeout,
+            retry_seconds=settings.redis_retry_seconds,
+        )
+        if shared_store.check():
+            logger.info("sharing features and click states through Redis at %s", shared_store.url)
     segmenter = InteractiveSegmenter(
         engine,
         # The segmenter's image key is an ImageVersion (a content digest): the image source knows its bytes.
@@ -79,13 +114,13 @@ def build_runtime(settings: Settings, engine) -> Runtime:
         max_clicks=settings.max_clicks,
         feature_disk_cache_dir=settings.feature_disk_cache_dir or None,
         feature_disk_cache_bytes=settings.feature_disk_cache_bytes,
+        shared_store=shared_store,
         max_decoder_runs=settings.max_decoder_runs_per_request,
     )
     pre_encoder = PreEncoder(
         lambda ref: segmenter.encoded_image(image_source.current(ref)), settings.preencode_queue_length, abort_download
     )
     version = DEMO_VERSION if engine.is_test_model else SEGNEXT_VERSION
-    digests = {role: file_sha256(Path(info.path)) for role, info in engine.files.items()}
     return Runtime(
         settings=settings,
         image_source=image_source,
@@ -97,10 +132,13 @@ def build_runtime(settings: Settings, engine) -> Runtime:
 
 
 def set_runtime(runtime: Runtime | None) -> None:
-    global _runtime
-    if _runtime is not None and _runtime is not runtime:
-        _runtime.pre_encoder.stop()
-    _runtime = runtime
+    global _runtime, _load
+    with _load_lock:
+        if _runtime is not None and _runtime is not runtime:
+            _runtime.pre_encoder.stop()
+        _runtime = runtime
+        if runtime is None:
+            _load = None  # the next request that needs the models loads them again
 
 
 def stop_background_work() -> None:
@@ -110,24 +148,101 @@ def stop_background_work() -> None:
 
 
 def get_runtime() -> Runtime:
-    if _runtime is None:
-        raise NotReadyError("the models are not loaded yet")
-    return _runtime
+    """This process's runtime; the first call loads the models (the others wait for that load)."""
+    runtime = _runtime
+    if runtime is not None:
+        return runtime
+    try:
+        return start_loading().result()
+    except Exception as error:
+        raise NotReadyError(f"the models could not be loaded: {error}") from None
+
+
+def start_loading() -> Future:
+    """Load the models in the background unless this process has them or is loading them; the load's Future.
+
+    One load per process at a time; a failed one is started again after LOAD_RETRY_SECONDS.
+    """
+    global _load, _load_started
+    with _load_lock:
+        if _runtime is not None:
+            loaded = Future()
+            loaded.set_result(_runtime)
+            return loaded
+        failed = _load is not None and _load.done() and _load.exception() is not None
+        if _load is None or (failed and time.monotonic() - _load_started >= LOAD_RETRY_SECONDS):
+            _load, _load_started = Future(), time.monotonic()
+            threading.Thread(target=_load_models, args=(_load,), name="segnext-load-models", daemon=True).start()
+        return _load
+
+
+def _load_models(done: Future) -> None:
+    try:
+        # _wsgi.py, beside this file, is how the process loads its models (model files, DEMO, device).
+        import _wsgi
+
+        _wsgi.load(Settings.from_env())
+        done.set_result(_runtime)
+    except BaseException as error:  # noqa: BLE001 - every failure goes to the requests that wait for the load
+        logger.error("the models could not be loaded: %s", error)
+        done.set_exception(error)
+
+
+def _forget_runtime_in_forked_child() -> None:
+    # ONNX Runtime sessions and their threads do not survive a fork: a forked worker loads its own.
+    global _runtime, _load, _load_lock
+    _runtime, _load, _load_lock = None, None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_runtime_in_forked_child)
 
 
 def runtime_status() -> dict:
-    """For /health and /metrics: which models are loaded, and how the caches are doing."""
+    """For /health and /metrics: which models are loaded, and how the caches are doing.
+
+    Raises NotReadyError while the models load (starting the load if nothing has yet) or after a failed load.
+    """
+    load = start_loading()
+    if not load.done():
+        raise NotReadyError("the models are loading")
+    if load.exception() is not None:
+        raise NotReadyError(f"the models could not be loaded: {load.exception()}")
     runtime = get_runtime()
     segmenter = runtime.segmenter
+    shared = segmenter.shared_store
+    shared_status = shared.status() if shared is not None else {"configured": False}
     return {
         "model_version": runtime.model_version,
         "demo": segmenter.engine.is_test_model,
+        # DEVICE as set, and the ONNX Runtime provider that really runs the models (DEVICE=auto may mean the CPU).
+        "device": runtime.settings.device,
+        "execution_provider": segmenter.engine.execution_providers[0],
         "models": {
             role: {**asdict(info), "sha256": runtime.model_sha256[role]} for role, info in segmenter.engine.files.items()
         },
         "download_cache": asdict(runtime.image_source.downloads.stats()),
         "feature_cache": asdict(segmenter.feature_cache.stats()),
         "object_state_cache": asdict(segmenter.object_states.stats()),
+        # This process's totals: summed over the fleet they show each image encoded once, each click decoded once.
+        "encoder_runs": segmenter.engine.encoder_runs,
+        "decoder_runs": segmenter.engine.decoder_runs,
+        "hits": {
+            "features": {
+                "memory": segmenter.feature_cache.stats().hits,
+                "redis": shared_status.get("feature_hits", 0),
+                "disk": segmenter.disk_cache_hits,
+            },
+            "object_states": {
+                "memory": segmenter.object_states.stats().hits,
+                "redis": shared_status.get("state_hits", 0),
+            },
+        },
+        "redis": shared_status,
+        "warnings": (
+            [f"Redis unavailable ({shared_status['error']}): clicks are served from this process's caches alone"]
+            if shared_status.get("configured") and not shared_status["available"]
+            else []
+        ),
     }
 
 
@@ -240,6 +355,8 @@ def _size(value, what: str) -> int:
 
 def clicks_from_context(context: dict) -> ObjectClicks:
     """The smart keypoints of `context.result`, in the order they were made, as clicks in pixels."""
+    from segnext_backend.segmenter import Click
+
     results = context.get("result") if isinstance(context, dict) else None
     if not isinstance(results, list):
         raise RequestError("context.result must be a list of keypoints")
@@ -296,6 +413,14 @@ class SegNextBackend(LabelStudioMLBase):
     def model_version(self) -> str:
         return _runtime.model_version if _runtime else SEGNEXT_VERSION
 
+    def setup(self):
+        """label-studio-ml 2.x calls this from the constructor of every request's instance and answers /setup
+        with `self.get("model_version")`: start loading the models (without waiting: Label Studio gives
+        /setup 3 s), and keep the version where 2.x reads it."""
+        start_loading()
+        if self.get("model_version") != self.model_version:
+            self.set("model_version", self.model_version)
+
     def predict(self, tasks, context=None, **kwargs) -> list[dict]:
         runtime = get_runtime()
         if not isinstance(tasks, list) or not tasks:
@@ -314,7 +439,10 @@ class SegNextBackend(LabelStudioMLBase):
             # but the first click will need the image's features, and the encoder is slow.
             for task in tasks:
                 self._encode_in_background(runtime, task)
-            return []
+            # One empty list of predictions per task: Label Studio stores nothing and logs nothing. (`[]` makes
+            # it log an error for every task opened; an empty prediction would be shown to the annotators and
+            # stop Label Studio from asking again when the task is next opened.)
+            return [[] for _ in tasks]
 
         if len(tasks) != 1:
             raise RequestError(f"an interactive request must carry one task, got {len(tasks)}")
@@ -332,7 +460,11 @@ class SegNextBackend(LabelStudioMLBase):
             len(obj.clicks),
             prediction.image_width,
             prediction.image_height,
-            "cached" if prediction.timings.feature_cache_hit else "computed",
+            "cached"
+            if prediction.timings.feature_cache_hit
+            else "from Redis"
+            if prediction.timings.shared_cache_hit
+            else "computed",
             prediction.timings.encoder_ms,
             prediction.timings.decoder_runs,
             prediction.timings.decoder_ms,

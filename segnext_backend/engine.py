@@ -130,10 +130,13 @@ class SegNextEngine:
         check_interface(self.encoder, str(encoder_path), ENCODER_INPUTS, ENCODER_OUTPUTS)
         self.decoder = _load(Path(decoder_path), _session_options(intra_op_threads, decoder_memory_arena), providers)
         check_interface(self.decoder, str(decoder_path), DECODER_INPUTS, DECODER_OUTPUTS)
-        active = self.decoder.get_providers()
-        if providers[0] not in active:  # e.g. onnxruntime-gpu without a usable driver: ORT falls back quietly
-            logger.warning("%s could not be started; running on %s", providers[0], ", ".join(active))
-        self.feature_device = feature_device(active)
+        # The providers that really run the models: ONNX Runtime falls back to the CPU quietly when CUDA cannot
+        # start (device.py checks before loading; this is what /health reports).
+        self.execution_providers = self.decoder.get_providers()
+        if providers[0] not in self.execution_providers:
+            logger.warning("%s could not be started; running on %s", providers[0], ", ".join(self.execution_providers))
+        self.feature_device = feature_device(self.execution_providers)
+        logger.info("execution provider: %s (image features on %s)", self.execution_providers[0], self.feature_device)
         self.files = {
             role: ModelFileInfo(
                 path=str(path),
@@ -146,6 +149,10 @@ class SegNextEngine:
         # One encode at a time keeps a burst of newly opened tasks from starving the clicks of memory.
         self._encode_slots = threading.Semaphore(1)
         self._decode_slots = threading.Semaphore(max_concurrent_decodes)
+        # This process's totals, for /metrics: with shared features and states they show the fleet sharing.
+        self.encoder_runs = 0
+        self.decoder_runs = 0
+        self._runs_lock = threading.Lock()
 
     @property
     def is_test_model(self) -> bool:
@@ -163,6 +170,8 @@ class SegNextEngine:
             binding.bind_cpu_input("image", np.ascontiguousarray(model_input))
             binding.bind_ortvalue_output("image_feats", features)
             self.encoder.run_with_iobinding(binding)
+        with self._runs_lock:
+            self.encoder_runs += 1
         return features
 
     def features_from_numpy(self, features: np.ndarray) -> ort.OrtValue:
@@ -203,4 +212,6 @@ class SegNextEngine:
             binding.bind_output("mask", "cpu")  # the mask is resized and thresholded on the host
             self.decoder.run_with_iobinding(binding)
             (logits,) = binding.get_outputs()
+        with self._runs_lock:
+            self.decoder_runs += 1
         return logits.numpy()[0, 0]

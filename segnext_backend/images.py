@@ -56,7 +56,7 @@ from .addresses import is_public
 from .budgets import PixelBudget
 from .caches import LruCache
 from .errors import ImageTooLargeError, ImageUnavailableError, RequestError
-from .settings import without_credentials
+from .settings import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class ImageRef:
     task_id: int | None = None
 
     def __str__(self) -> str:
-        return without_credentials(self.location)
+        return redact_url(self.location)
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,7 @@ class _Deadline:
     def __init__(self, seconds: float):
         self.seconds = seconds
         self.expired = False
+        self.aborted = False  # ended by abort_download, not by the clock
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
@@ -200,6 +201,7 @@ def abort_download(thread: threading.Thread) -> None:
     """End the download that `thread` runs now, if any, as if its deadline had passed."""
     deadline = _Deadline._running.get(thread.ident)
     if deadline is not None:
+        deadline.aborted = True
         deadline._expire()
 
 
@@ -544,6 +546,8 @@ class ImageSource:
             else:  # a connection shut at the deadline may also read as a short, complete-looking answer
                 if not deadline.expired:
                     return result
+        if deadline.aborted:
+            raise ImageUnavailableError(f"fetching the image from {host_of(url)} was stopped: the process is stopping")
         raise ImageUnavailableError(
             f"fetching the image from {host_of(url)} took longer than {self.config.download_timeout:g} s "
             "(IMAGE_DOWNLOAD_TIMEOUT)"

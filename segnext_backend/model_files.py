@@ -18,12 +18,16 @@ good one.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Callable, TypeVar
 
 import requests
 from tqdm import tqdm
@@ -31,6 +35,8 @@ from tqdm import tqdm
 # Only the URL is needed here, for the message shown when downloading is
 # disabled; settings.py is the single place the default is written down.
 from .settings import DEFAULT_MODEL_URL
+
+logger = logging.getLogger(__name__)
 
 # The two files the backend needs, in the order the model loads them.
 MODEL_FILE_NAMES = ("encoder.onnx", "decoder.onnx")
@@ -49,6 +55,11 @@ class ModelFilesError(RuntimeError):
 
     The message is meant for a human: it says what went wrong and what to do.
     """
+
+
+class ModelDownloadError(ModelFilesError):
+    """The download itself failed (network, HTTP status, a corrupt or wrong-digest file): trying again later may
+    work, unlike a setting or a folder that must be changed first."""
 
 
 def missing_model_files(model_dir: Path) -> list[str]:
@@ -97,12 +108,17 @@ def ensure_model_files(
             f"{_manual_install_hint(DEFAULT_MODEL_URL, model_dir)}"
         )
 
-    model_dir.mkdir(parents=True, exist_ok=True)
-    zip_path = _new_partial_file(model_dir, prefix=".download-")
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        zip_path = _new_partial_file(model_dir, prefix=".download-")
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        raise ModelFilesError(_not_writable_message(model_dir, missing, url, exc)) from exc
     try:
         actual_sha256 = _download(url, zip_path, model_dir, timeout=timeout, progress=progress)
         if sha256 and actual_sha256 != sha256.strip().lower():
-            raise ModelFilesError(
+            raise ModelDownloadError(
                 f"The file downloaded from {url} has the wrong SHA-256: "
                 f"expected {sha256.strip().lower()}, got {actual_sha256}. "
                 "The download may be corrupted or the file changed upstream; "
@@ -114,6 +130,52 @@ def ensure_model_files(
         # The zip is only a vehicle for the two ONNX files; never keep it,
         # whether we succeeded or failed.
         zip_path.unlink(missing_ok=True)
+
+
+def _not_writable_message(model_dir: Path, missing: list[str], url: str, exc: OSError) -> str:
+    """Who needs write access to the model folder (e.g. a root-owned Docker bind mount), and the alternative."""
+    uid, gid = getattr(os, "getuid", lambda: "?")(), getattr(os, "getgid", lambda: "?")()
+    return (
+        f"Cannot download the SegNext model files into {model_dir}: {exc.strerror or exc}. "
+        f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing, and this process "
+        f"(uid {uid}, gid {gid}) cannot write there. "
+        f"Give uid {uid} write access to it (for a Docker bind mount: `chown -R {uid} <host folder>`), or put "
+        "encoder.onnx and decoder.onnx there yourself: read-only files are fine once both are present. "
+        f"{_manual_install_hint(url, model_dir)}"
+    )
+
+
+T = TypeVar("T")
+
+
+def retry_failed_downloads(
+    fetch: Callable[[], T],
+    *,
+    first_delay: float,
+    max_delay: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call ``fetch`` until it does not raise ModelDownloadError, waiting ``first_delay`` seconds after the
+    first failure, twice as long after each further one, at most ``max_delay``; ``first_delay`` 0: no retry.
+
+    A server whose first download fails would otherwise exit, be restarted by its supervisor (Docker's
+    restart policy) and download the ~440 MB again at once, in a loop. Other errors (a folder that cannot be
+    written, downloading disabled) are raised at once: only a person can fix them.
+    """
+    delay, attempt = first_delay, 1
+    while True:
+        try:
+            return fetch()
+        except ModelDownloadError as error:
+            if first_delay <= 0:
+                raise
+            logger.error(
+                "model download failed (attempt %d): %s Next attempt in %g s "
+                "(MODEL_DOWNLOAD_RETRY_SECONDS, MODEL_DOWNLOAD_RETRY_MAX_SECONDS).",
+                attempt, error, delay,
+            )
+        sleep(delay)
+        delay, attempt = min(delay * 2, max(max_delay, first_delay)), attempt + 1
 
 
 def _manual_install_hint(url: str, model_dir: Path, *, capitalize: bool = True) -> str:
@@ -165,7 +227,7 @@ def _download(url: str, dest: Path, model_dir: Path, *, timeout: float, progress
         # short. (Note: RequestException is an OSError, so a plain OSError
         # from writing the file, e.g. a full disk, is not caught here and
         # keeps its own, already clear, message.)
-        raise ModelFilesError(
+        raise ModelDownloadError(
             f"Could not fetch the SegNext model from {url}: {exc}. "
             f"{_manual_install_hint(url, model_dir)}"
         ) from exc
@@ -196,7 +258,7 @@ def _extract_model_files(zip_path: Path, model_dir: Path, url: str) -> None:
     except zipfile.BadZipFile as exc:
         # Typically an HTML error page or a proxy's login page served with
         # status 200 instead of the archive.
-        raise ModelFilesError(
+        raise ModelDownloadError(
             f"The file downloaded from {url} is not a valid zip archive ({exc}). "
             f"{_manual_install_hint(url, model_dir)}"
         ) from exc

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ class PredictionTimings:
 
     feature_cache_hit: bool = True
     disk_cache_hit: bool = False  # features read from the on-disk cache instead of encoding
+    shared_cache_hit: bool = False  # features read from Redis (shared_store.py) instead of encoding
     encoder_ms: float = 0.0
     decoder_runs: int = 0
     decoder_ms: float = 0.0
@@ -89,6 +91,7 @@ class InteractiveSegmenter:
         max_clicks: int = 100,
         feature_disk_cache_dir: str | os.PathLike | None = None,
         feature_disk_cache_bytes: int = 4 * 1024 * 1024 * 1024,
+        shared_store=None,
         max_decoder_runs: int = 100,
     ):
         """`load_image(image_key)` returns the image's HxWx3 uint8 RGB pixels (fetching is its business).
@@ -99,6 +102,9 @@ class InteractiveSegmenter:
         file (path, size, modification time). The folder is kept under `feature_disk_cache_bytes`, least
         recently used files out first (a read refreshes a file's time). The float16 rounding moves the logits
         slightly (docs/performance.md). None (the default): off.
+
+        `shared_store`: a `shared_store.SharedStore` (Redis), the tier between the memory caches and the disk
+        cache or the encoder, shared by every process of the fleet. None (the default): off.
         """
         self.engine = engine
         self.load_image = load_image
@@ -111,6 +117,9 @@ class InteractiveSegmenter:
         )
         self.feature_disk_cache_dir = Path(feature_disk_cache_dir) if feature_disk_cache_dir else None
         self.feature_disk_cache_bytes = feature_disk_cache_bytes
+        self.shared_store = shared_store
+        self.disk_cache_hits = 0
+        self._disk_hits_lock = threading.Lock()
         if self.feature_disk_cache_dir is not None:
             try:
                 self.feature_disk_cache_dir.mkdir(parents=True, exist_ok=True)
@@ -126,6 +135,11 @@ class InteractiveSegmenter:
         def encode() -> EncodedImage:
             if timings is not None:
                 timings.feature_cache_hit = False
+            if self.shared_store is not None:
+                return self._shared_encoded_image(image_key, encode_here, timings)
+            return encode_here()
+
+        def encode_here() -> EncodedImage:
             stored = self._read_disk_features(image_key)
             if stored is not None:
                 if timings is not None:
@@ -144,6 +158,19 @@ class InteractiveSegmenter:
             return encoded
 
         return self.feature_cache.get_or_compute(image_key, encode)
+
+    def _shared_encoded_image(self, image_key, encode_here, timings: PredictionTimings | None) -> EncodedImage:
+        """The features from Redis, or from `encode_here` under the fleet's encode lock (then put in Redis)."""
+
+        def compute():
+            encoded = encode_here()
+            # A copy: a host OrtValue's .numpy() may share memory the OrtValue frees with it.
+            return np.array(encoded.features.numpy()), encoded.width, encoded.height
+
+        features, width, height, from_redis = self.shared_store.features(image_key, compute)
+        if timings is not None:
+            timings.shared_cache_hit = from_redis
+        return EncodedImage(key=image_key, features=self.engine.features_from_numpy(features), width=width, height=height)
 
     # -- the optional on-disk feature cache ---------------------------------------------------------------
 
@@ -177,6 +204,8 @@ class InteractiveSegmenter:
             pass
         if features.shape != FEATURE_SHAPE:
             return None
+        with self._disk_hits_lock:
+            self.disk_cache_hits += 1
         return EncodedImage(key=image_key, features=self.engine.features_from_numpy(features), width=width, height=height)
 
     def _write_disk_features(self, encoded: EncodedImage) -> None:
@@ -234,10 +263,13 @@ class InteractiveSegmenter:
         model_points = frame.clicks_to_model_frame(points).astype(int)
         return tuple((int(x), int(y), int(c.positive)) for (x, y), c in zip(model_points, clicks))
 
+    def _state_kept(self, key) -> bool:
+        return key in self.object_states or (self.shared_store is not None and self.shared_store.has_state(key))
+
     def _check_decoder_runs(self, image_key, clicks: ClickKey) -> None:
         """Refuse, before any work, a click whose replay would cost more decoder runs than one request may."""
         runs = 0
-        while runs < len(clicks) and (image_key, clicks[: len(clicks) - runs]) not in self.object_states:
+        while runs < len(clicks) and not self._state_kept((image_key, clicks[: len(clicks) - runs])):
             runs += 1
             if runs > self.max_decoder_runs:
                 raise RequestError(
@@ -250,9 +282,16 @@ class InteractiveSegmenter:
         self, image: EncodedImage, clicks: ClickKey, timings: PredictionTimings, depth: int = 0
     ) -> np.ndarray:
         """Logits after this click sequence: one decoder run when the prefix's state is known. A replay keeps
-        the states of its last REPLAY_STATES_KEPT prefixes (depth counts back from the request's click)."""
+        the states of its last REPLAY_STATES_KEPT prefixes (depth counts back from the request's click), in
+        memory and in the shared store."""
+        key = (image.key, clicks)
+        keep = depth < REPLAY_STATES_KEPT
 
         def decode() -> np.ndarray:
+            if self.shared_store is not None:
+                stored = self.shared_store.load_state(key)
+                if stored is not None:
+                    return stored
             if len(clicks) == 1:
                 prev_mask = np.zeros((MODEL_SIZE, MODEL_SIZE), dtype=np.float32)
             else:
@@ -264,11 +303,13 @@ class InteractiveSegmenter:
             logits = self.engine.decode(image.features, coords, labels, prev_mask)
             timings.decoder_runs += 1
             timings.decoder_ms += (time.perf_counter() - started) * 1000
+            if self.shared_store is not None and keep:  # before the click is answered: the next may land elsewhere
+                self.shared_store.store_state(key, logits)
             return logits
 
-        if depth < REPLAY_STATES_KEPT:
-            return self.object_states.get_or_compute((image.key, clicks), decode)
-        kept = self.object_states.get((image.key, clicks))
+        if keep:
+            return self.object_states.get_or_compute(key, decode)
+        kept = self.object_states.get(key)
         return kept if kept is not None else decode()
 
     def predict(self, image_key: str, clicks: Sequence[Click], frame_width: int, frame_height: int) -> Prediction:

@@ -19,6 +19,18 @@ DEFAULT_MODEL_URL = (
 DEFAULT_MODEL_SHA256 = "87936f12f815e05c6f601be5e46d69ce2e52c788ae2c26ec7e3db39d33780857"
 
 MIB = 1024 * 1024
+DEVICES = ("cpu", "cuda", "auto")  # segnext_backend/device.py says what each means
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, fit for logs and /health."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 class SettingsError(ValueError):
@@ -49,6 +61,10 @@ class Settings:
     model_dir: Path = Path("models")
     model_url: str = DEFAULT_MODEL_URL
     model_sha256: str = DEFAULT_MODEL_SHA256
+    # Under gunicorn, a failed model download is tried again after this many seconds, then after twice as long
+    # each time, at most the maximum: the server waits instead of exiting into a restart loop. 0: exit at once.
+    model_download_retry_seconds: float = 60.0
+    model_download_retry_max_seconds: float = 3600.0
     # Serve the project's colour-region test models instead of SegNext (for trying the backend out).
     demo: bool = False
     # A pixel is in the mask where the predicted probability is at least this.
@@ -96,10 +112,27 @@ class Settings:
     # shared by worker processes. Empty: off. Kept under feature_disk_cache_bytes, least recently used out first.
     feature_disk_cache_dir: str = ""
     feature_disk_cache_bytes: int = 4096 * MIB
-    # "cpu", or "cuda" for ONNX Runtime's CUDA execution provider (needs onnxruntime-gpu; falls back to CPU).
+    # "cpu"; "cuda": ONNX Runtime's CUDA execution provider or refuse to start; "auto": the GPU when it works,
+    # else the CPU with a warning (segnext_backend/device.py).
     device: str = "cpu"
     # How many decoder runs may go at once; the rest wait their turn (each holds ~1 GB on SegNext).
     max_concurrent_decodes: int = 1
+    # Redis shared by every backend process (redis://host:6379/0): image features and object click states are
+    # kept there too, so any process can serve any click. Empty: off (each process keeps its own).
+    redis_url: str = ""
+    # Entries in Redis expire this long after they were last read or written.
+    redis_ttl_seconds: int = 3600
+    # Seconds to connect to Redis and for each reply: a slow Redis costs a click at most this, then is skipped.
+    redis_socket_timeout: float = 1.0
+    # After a Redis failure, serve from this process's caches alone this long before trying Redis again.
+    redis_retry_seconds: float = 10.0
+
+    def __post_init__(self):
+        # Half a basic-auth configuration would leave the backend open (or open to any password) without a
+        # word; checked here, so that the command line's --basic-auth-user/--basic-auth-pass count too.
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            given, missing = ("BASIC_AUTH_USER", "BASIC_AUTH_PASS") if self.basic_auth_user else ("BASIC_AUTH_PASS", "BASIC_AUTH_USER")
+            raise SettingsError(f"{given} is set but {missing} is empty: set both for basic auth, or neither")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -136,20 +169,16 @@ class Settings:
         if not 0.0 < threshold < 1.0:
             raise SettingsError(f"MASK_THRESHOLD={threshold} must be between 0 and 1")
         device = text("DEVICE", defaults.device).lower()
-        if device not in ("cpu", "cuda"):
-            raise SettingsError(f"DEVICE={device!r} must be cpu or cuda")
-        basic_auth_user, basic_auth_pass = text("BASIC_AUTH_USER", ""), env.get("BASIC_AUTH_PASS", "")
-        if bool(basic_auth_user) != bool(basic_auth_pass):
-            # Half a configuration would leave the backend open (or open to any password) without a word.
-            given, missing = ("BASIC_AUTH_USER", "BASIC_AUTH_PASS") if basic_auth_user else ("BASIC_AUTH_PASS", "BASIC_AUTH_USER")
-            raise SettingsError(f"{given} is set but {missing} is empty: set both for basic auth, or neither")
+        if device not in DEVICES:
+            raise SettingsError(f"DEVICE={device!r} must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}")
         return cls(
-            label_studio_url=text("LABEL_STUDIO_URL", "").rstrip("/"),
-            label_studio_api_key=text("LABEL_STUDIO_API_KEY", ""),
+            # LABEL_STUDIO_HOST and LABEL_STUDIO_ACCESS_TOKEN: the names label-studio-ml's examples use.
+            label_studio_url=(text("LABEL_STUDIO_URL", "") or text("LABEL_STUDIO_HOST", "")).rstrip("/"),
+            label_studio_api_key=text("LABEL_STUDIO_API_KEY", "") or text("LABEL_STUDIO_ACCESS_TOKEN", ""),
             local_files_document_root=text("LOCAL_FILES_DOCUMENT_ROOT", ""),
             allow_private_image_hosts=flag("ALLOW_PRIVATE_IMAGE_HOSTS", defaults.allow_private_image_hosts),
-            basic_auth_user=basic_auth_user,
-            basic_auth_pass=basic_auth_pass,
+            basic_auth_user=text("BASIC_AUTH_USER", ""),
+            basic_auth_pass=env.get("BASIC_AUTH_PASS", ""),
             log_level=text("LOG_LEVEL", defaults.log_level).upper(),
             workers=number("WORKERS", defaults.workers, int, 1),
             threads=number("THREADS", defaults.threads, int, 1),
@@ -157,6 +186,12 @@ class Settings:
             model_dir=Path(text("MODEL_DIR", str(defaults.model_dir))),
             model_url=text("MODEL_URL", defaults.model_url),
             model_sha256=text("MODEL_SHA256", defaults.model_sha256).lower(),
+            model_download_retry_seconds=number(
+                "MODEL_DOWNLOAD_RETRY_SECONDS", defaults.model_download_retry_seconds, float, 0.0
+            ),
+            model_download_retry_max_seconds=number(
+                "MODEL_DOWNLOAD_RETRY_MAX_SECONDS", defaults.model_download_retry_max_seconds, float, 0.0
+            ),
             demo=flag("DEMO", defaults.demo),
             mask_threshold=threshold,
             feature_cache_bytes=number("FEATURE_CACHE_BYTES", defaults.feature_cache_bytes, int, 0),
@@ -186,6 +221,10 @@ class Settings:
             feature_disk_cache_dir=text("FEATURE_DISK_CACHE_DIR", ""),
             feature_disk_cache_bytes=number("FEATURE_DISK_CACHE_BYTES", defaults.feature_disk_cache_bytes, int, 0),
             max_concurrent_decodes=number("MAX_CONCURRENT_DECODES", defaults.max_concurrent_decodes, int, 1),
+            redis_url=text("REDIS_URL", ""),
+            redis_ttl_seconds=number("REDIS_TTL_SECONDS", defaults.redis_ttl_seconds, int, 1),
+            redis_socket_timeout=number("REDIS_SOCKET_TIMEOUT", defaults.redis_socket_timeout, float, 0.01),
+            redis_retry_seconds=number("REDIS_RETRY_SECONDS", defaults.redis_retry_seconds, float, 0.0),
         )
 
     def redacted(self) -> dict:
@@ -195,13 +234,6 @@ class Settings:
             f.name: ("<set>" if getattr(self, f.name) else "<empty>") if f.name in secret else str(getattr(self, f.name))
             for f in fields(self)
         }
-        shown["label_studio_url"] = without_credentials(self.label_studio_url)
+        shown["redis_url"] = redact_url(self.redis_url)  # may carry a password
+        shown["label_studio_url"] = redact_url(self.label_studio_url)  # so may this
         return shown
-
-
-def without_credentials(url: str) -> str:
-    """The URL with any user:password@ replaced by ***@, for logs and messages."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 import model  # noqa: E402
 from api import init_app  # noqa: E402
+from segnext_backend.demo_models import build_demo_models  # noqa: E402
 from segnext_backend.engine import SegNextEngine  # noqa: E402
 from segnext_backend.settings import Settings  # noqa: E402
 from tools.file_server import BytesHandler, free_port, start_server  # noqa: E402
@@ -34,7 +35,6 @@ from tools.scenes import (  # noqa: E402, F401  (the tests import these from her
     make_scene,
     predict_body,
 )
-from tools.test_models import build_test_models  # noqa: E402
 
 
 @dataclass
@@ -73,7 +73,7 @@ def image_server():
 
 @pytest.fixture(scope="session")
 def test_model_paths(tmp_path_factory) -> tuple[Path, Path]:
-    return build_test_models(tmp_path_factory.mktemp("test-models"))
+    return build_demo_models(tmp_path_factory.mktemp("test-models"))
 
 
 class EngineSpy:

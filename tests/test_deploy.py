@@ -1,20 +1,19 @@
 """What can be checked of the deployment without a Docker engine: the Dockerfile's install steps, run for
-real in a clean virtual environment; the compose files; the README's settings table; the GPU fallback."""
+real in a clean virtual environment; the compose files; the README's settings table (the GPU build:
+tests/test_gpu_build.py)."""
 
 from __future__ import annotations
 
-import logging
 import re
 import subprocess
 import sys
-from dataclasses import replace
 
 import pytest
 import yaml
 from conftest import ROOT
 
-import _wsgi
-from segnext_backend.settings import Settings
+from tools.file_server import free_port
+from tools.fleet import find_binary, render_nginx_conf
 
 README = (ROOT / "README.md").read_text()
 
@@ -59,11 +58,35 @@ def test_compose_wires_label_studio_and_the_backend():
     assert "9090:9090" in backend["ports"] and "label-studio" in backend["depends_on"]
     assert "--health-check" in backend["healthcheck"]["test"]
     gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]["segnext-backend"]
-    assert gpu["build"]["args"]["DEVICE"] == "cuda" and gpu["environment"]["DEVICE"] == "cuda"
+    assert gpu["build"]["args"]["DEVICE"] == "auto" and gpu["environment"]["DEVICE"] == "${DEVICE:-auto}"
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
     # The README names what the compose file does.
     for name in ("docker compose", "http://segnext-backend:9090", "docker-compose.gpu.yml"):
         assert name in README
+
+
+def test_scale_compose_puts_replicas_sharing_redis_behind_nginx():
+    compose = yaml.safe_load((ROOT / "docker-compose.scale.yml").read_text())
+    services = compose["services"]
+    redis, backend, nginx = services["redis"], services["segnext-backend"], services["nginx"]
+    assert redis["image"].startswith("redis:") and nginx["image"].startswith("nginx:")  # official images
+    # A bounded memory budget with LRU eviction, and nothing written to disk.
+    assert "--maxmemory-policy allkeys-lru" in redis["command"] and "--maxmemory " in redis["command"]
+    assert backend["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    assert "ports" not in backend  # replicas are reached through nginx only, so --scale does not clash
+    assert "./deploy/nginx.conf:/etc/nginx/conf.d/default.conf:ro" in nginx["volumes"]
+    assert "9090:9090" in nginx["ports"]
+    assert "server segnext-backend:9090;" in (ROOT / "deploy" / "nginx.conf").read_text()
+    for name in ("docker-compose.scale.yml", "--scale segnext-backend=", "http://nginx:9090", "## Scaling out"):
+        assert name in README
+
+
+@pytest.mark.skipif(find_binary("nginx") is None, reason="nginx is not installed (apt-get install nginx)")
+def test_the_shipped_nginx_config_is_valid(tmp_path):
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(render_nginx_conf([free_port(), free_port()], free_port(), tmp_path))
+    result = subprocess.run([find_binary("nginx"), "-t", "-p", str(tmp_path), "-c", str(conf)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_readme_documents_every_setting():
@@ -74,22 +97,29 @@ def test_readme_documents_every_setting():
     assert not undocumented, f"README lacks {undocumented}"
 
 
-def test_cuda_without_a_gpu_falls_back_to_the_cpu_with_a_log_line(caplog):
-    settings = replace(Settings(), device="cuda")
-    with caplog.at_level(logging.WARNING):
-        providers = _wsgi.execution_providers(settings)
-    import onnxruntime
-
-    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        pytest.skip("this machine has the CUDA execution provider")
-    assert providers == ["CPUExecutionProvider"]
-    assert "running on the CPU" in caplog.text
-    assert _wsgi.execution_providers(Settings()) == ["CPUExecutionProvider"]
-
-
 def test_health_check_command(tmp_path):
     result = subprocess.run(
         [sys.executable, "_wsgi.py", "--health-check"], cwd=ROOT, capture_output=True, text=True, timeout=60,
         env={"PORT": "1", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 1 and "unhealthy" in result.stderr
+
+
+def requirement_lines(name: str) -> list[str]:
+    lines = (ROOT / name).read_text().splitlines()
+    return [line.split("#")[0].strip() for line in lines if line.split("#")[0].strip()]
+
+
+def test_the_label_studio_ml_ranges_hold_every_pinned_runtime_dependency():
+    from packaging.requirements import Requirement
+
+    ranges = {Requirement(line).name.lower(): Requirement(line).specifier for line in requirement_lines(
+        "requirements-label-studio-ml.txt")}
+    pins = {Requirement(line).name.lower(): str(next(iter(Requirement(line).specifier)).version)
+            for line in requirement_lines("requirements.txt")}
+    # What label-studio-ml 1.0.9 imports comes with label-studio-ml 2.x itself.
+    label_studio_ml_own = {"label-studio-tools", "lxml", "appdirs", "attrs", "colorama", "redis", "rq"}
+    assert set(ranges) == set(pins) - label_studio_ml_own
+    for name, specifier in ranges.items():
+        assert specifier.contains(pins[name]), f"requirements.txt pins {name}=={pins[name]}, outside {specifier}"
+    assert ranges["numpy"].contains("2.2.6")  # what resolves beside label-studio-sdk 2.1.2 (needs numpy<2.3)

@@ -7,20 +7,25 @@ graphs) and serves it from a ThreadingHTTPServer on 127.0.0.1.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import os
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from segnext_backend import model_files
 from segnext_backend.model_files import (
     MODEL_FILE_NAMES,
+    ModelDownloadError,
     ModelFilesError,
     ensure_model_files,
     file_sha256,
     missing_model_files,
+    retry_failed_downloads,
 )
 from tools.file_server import BytesHandler, free_port, start_server
 
@@ -278,3 +283,98 @@ def test_file_sha256_matches_hashlib(tmp_path):
     path.write_bytes(content)
 
     assert file_sha256(path) == hashlib.sha256(content).hexdigest()
+
+
+# -- a model folder the process cannot write (a root-owned Docker bind mount; the image runs as uid 1000) ------
+
+
+def _assert_names_the_uid(message: str, model_dir: Path) -> None:
+    assert f"Cannot download the SegNext model files into {model_dir}" in message
+    assert f"(uid {os.getuid()}, gid {os.getgid()})" in message and f"chown -R {os.getuid()}" in message
+    assert "read-only files are fine once both are present" in message
+
+
+@pytest.mark.parametrize("error", [errno.EACCES, errno.EROFS])  # a folder owned by another user; a :ro mount
+def test_an_unwritable_folder_names_the_uid_before_any_request(server, model_dir, monkeypatch, error):
+    model_dir.mkdir()
+
+    def refused(*args, **kwargs):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(model_files.tempfile, "mkstemp", refused)
+    url = server.serve("/model.dtmodel", GOOD_ZIP)
+    with pytest.raises(ModelFilesError) as raised:
+        ensure_model_files(model_dir, url, GOOD_SHA256, timeout=5, progress=False)
+    _assert_names_the_uid(str(raised.value), model_dir)
+    assert not isinstance(raised.value, ModelDownloadError)  # not retried: only a person can fix it
+    assert server.request_count == 0
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into any folder")
+def test_a_real_read_only_folder_names_the_uid(server, model_dir):
+    model_dir.mkdir()
+    model_dir.chmod(0o555)
+    try:
+        with pytest.raises(ModelFilesError) as raised:
+            ensure_model_files(model_dir, server.serve("/model.dtmodel", GOOD_ZIP), GOOD_SHA256, progress=False)
+        _assert_names_the_uid(str(raised.value), model_dir)
+        # Both files placed by hand: a read-only folder is fine.
+        model_dir.chmod(0o755)
+        for name in MODEL_FILE_NAMES:
+            (model_dir / name).write_bytes(b"placed by hand")
+        model_dir.chmod(0o555)
+        ensure_model_files(model_dir, server.url("/model.dtmodel"), GOOD_SHA256, progress=False)
+    finally:
+        model_dir.chmod(0o755)
+
+
+# -- a first download that keeps failing is retried with a growing delay -----------------------------------------
+
+
+def test_failed_downloads_are_retried_with_a_doubling_delay_up_to_the_maximum(server, model_dir, caplog):
+    url = server.url("/model.dtmodel")  # 404 until it is published
+    waits = []
+
+    def sleep(seconds):
+        waits.append(seconds)
+        if len(waits) == 5:
+            server.serve("/model.dtmodel", GOOD_ZIP)
+
+    fetch = lambda: ensure_model_files(model_dir, url, GOOD_SHA256, timeout=5, progress=False)  # noqa: E731
+    retry_failed_downloads(fetch, first_delay=10, max_delay=50, sleep=sleep)
+
+    assert waits == [10, 20, 40, 50, 50]
+    assert server.request_count == 6
+    assert (model_dir / "encoder.onnx").read_bytes() == ENCODER_BYTES
+    assert "model download failed (attempt 5)" in caplog.text and "Next attempt in 50 s" in caplog.text
+
+
+@pytest.mark.parametrize("body", [b"<html>a proxy's login page</html>", None])  # not a zip; HTTP 404
+def test_every_kind_of_download_failure_is_retried(server, model_dir, body):
+    url = server.serve("/model.dtmodel", body) if body else server.url("/model.dtmodel")
+
+    class Enough(Exception):
+        pass
+
+    def sleep(seconds):
+        if server.request_count == 2:
+            raise Enough
+
+    with pytest.raises(Enough):
+        retry_failed_downloads(
+            lambda: ensure_model_files(model_dir, url, None, timeout=5, progress=False), first_delay=1, max_delay=1, sleep=sleep
+        )
+
+
+def test_errors_a_person_must_fix_and_retry_off_are_raised_at_once(server, model_dir):
+    def no_sleep(seconds):
+        raise AssertionError("retried")
+
+    with pytest.raises(ModelFilesError, match="MODEL_URL is empty"):  # downloading disabled
+        retry_failed_downloads(lambda: ensure_model_files(model_dir, "", None), first_delay=1, max_delay=1, sleep=no_sleep)
+    url = server.url("/model.dtmodel")
+    with pytest.raises(ModelDownloadError):  # MODEL_DOWNLOAD_RETRY_SECONDS=0
+        retry_failed_downloads(
+            lambda: ensure_model_files(model_dir, url, None, timeout=5, progress=False), first_delay=0, max_delay=1, sleep=no_sleep
+        )
+    assert server.request_count == 1

@@ -12,7 +12,21 @@ import zipfile
 from pathlib import Path
 
 import requests
-from conftest import ROOT, backend_env, click_on, decode_region, encode_png, free_port, iou, make_scene, predict_body
+from conftest import (
+    READY_DEADLINE_SECONDS,
+    ROOT,
+    backend_env,
+    click_on,
+    decode_region,
+    encode_png,
+    free_port,
+    iou,
+    make_scene,
+    predict_body,
+    wait_until_healthy,
+)
+
+from tools.file_server import BytesHandler, start_server
 
 
 def run_wsgi(env, *args, timeout=60) -> subprocess.CompletedProcess:
@@ -57,6 +71,73 @@ def test_gunicorn_without_model_files_exits_with_the_message(tmp_path):
     assert "place encoder.onnx and decoder.onnx in" in result.stderr
 
 
+def test_gunicorn_waits_and_retries_a_failing_first_download_instead_of_exiting(tmp_path, test_model_paths):
+    # Exiting would let Docker's restart policy start the ~440 MB download again at once, in a loop.
+    attempts = []
+    published = {"body": 503}
+
+    class Release(BytesHandler):
+        def do_GET(self):
+            attempts.append(time.monotonic())
+            self.answer(published["body"])
+
+    server_url, httpd = start_server(Release)
+    port = free_port()
+    log = tmp_path / "gunicorn.log"
+    env = backend_env(
+        tmp_path, MODEL_URL=server_url + "/model.dtmodel", MODEL_SHA256="", PORT=str(port),
+        MODEL_DOWNLOAD_RETRY_SECONDS="1", MODEL_DOWNLOAD_RETRY_MAX_SECONDS="2",
+    )
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"],
+        cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(attempts) < 4:
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        gaps = [later - earlier for earlier, later in zip(attempts, attempts[1:])]
+        assert gaps[0] >= 0.9 and gaps[1] >= 1.9 and gaps[2] >= 1.9, gaps  # 1 s, then doubled, at most 2 s
+        text = log.read_text()
+        assert "model download failed (attempt 3)" in text and "503" in text and "Next attempt in 2 s" in text
+        # The release appears: the waiting server downloads it and starts, without a restart.
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            for path in test_model_paths:
+                archive.writestr(f"mask-object-segnext-b2hq/{path.name}", path.read_bytes())
+        published["body"] = buffer.getvalue()
+        wait_until_healthy(f"http://127.0.0.1:{port}", process, log)
+        assert (tmp_path / "models" / "decoder.onnx").read_bytes() == test_model_paths[1].read_bytes()
+    finally:
+        process.terminate()
+        process.wait(30)
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_sigterm_stops_gunicorn_while_it_waits_to_retry_a_download(tmp_path):
+    # In a container gunicorn is PID 1: without a handler of its own SIGTERM (`docker stop`) would be dropped
+    # and Docker would kill it after its timeout. Outside one the default action kills it (exit -15): exit 0
+    # shows that the handler ran.
+    log = tmp_path / "gunicorn.log"
+    env = backend_env(tmp_path, MODEL_URL=f"http://127.0.0.1:{free_port()}/model.dtmodel", PORT=str(free_port()))
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"],
+        cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "model download failed (attempt 1)" not in log.read_text():
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def test_gunicorn_master_never_imports_onnx_runtime():
     # A worker forked from a process that has imported onnxruntime aborts when it exits (std::system_error
     # "No such process", then SIGABRT): the master reads gunicorn.conf.py, so it must stay free of it.
@@ -78,14 +159,14 @@ def test_gunicorn_workers_exit_cleanly_on_sigterm(tmp_path, image_server):
     try:
         scene = make_scene(300, 200, seed=5)
         path = image_server.add("/data/upload/1/stop.png", encode_png(scene.pixels))
-        deadline = time.monotonic() + 60
-        while True:  # until a worker answers a click (its ONNX Runtime threads have run)
+        deadline = time.monotonic() + READY_DEADLINE_SECONDS
+        while True:  # until a worker answers a click (its ONNX Runtime threads have run), whatever fails before
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
             try:
                 body = predict_body(path, [click_on(scene, 0)])
-                if requests.post(f"http://127.0.0.1:{port}/predict", json=body, timeout=10).status_code == 200:
+                if requests.post(f"http://127.0.0.1:{port}/predict", json=body, timeout=60).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:
                 time.sleep(0.1)
         process.send_signal(signal.SIGTERM)  # what `docker stop` sends
         assert process.wait(40) == 0

@@ -1,6 +1,7 @@
 """Where the time of a click goes, measured side by side in one run, on SegNext-sized models.
 
     python -m tools.benchmark --models models/bench [--threads 0] [--runs 5] [--device cuda]
+    python -m tools.benchmark --models models/bench --redis      # what REDIS_URL adds to a click
 
 Builds the random-weight benchmark models first when they are missing (tools.build_benchmark_models).
 Prints one markdown table (medians) and the machine. Each row is measured in this one process:
@@ -173,17 +174,18 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
     """Measure everything; return rows (what, median, ratio, target)."""
     import _wsgi
     import model
+    from segnext_backend.device import choose_execution_providers
     from segnext_backend.engine import SegNextEngine
     from segnext_backend.geometry import ModelFrame, to_model_input
     from segnext_backend.masks import logits_to_mask, mask_to_rle
     from segnext_backend.settings import Settings
 
     encoder_path, decoder_path = ensure_models(models)
-    providers = _wsgi.execution_providers(Settings(device=device))
+    providers = choose_execution_providers(device)  # --device cuda refuses to run without the GPU
     t0 = time.perf_counter()
     engine = SegNextEngine(encoder_path, decoder_path, intra_op_threads=threads, providers=providers)
     load_s = time.perf_counter() - t0
-    print(f"providers: {', '.join(engine.decoder.get_providers())}; features on {engine.feature_device}", file=sys.stderr)
+    print(f"providers: {', '.join(engine.execution_providers)}; features on {engine.feature_device}", file=sys.stderr)
 
     rng = np.random.default_rng(0)
     image_input = rng.random((1, 3, 1024, 1024), dtype=np.float32)
@@ -285,7 +287,6 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
         )
         disk_read_s, _ = timed(lambda: disk._read_disk_features("bench"), runs)
         half_features = disk._read_disk_features("bench").features.numpy()
-        disk.shutdown()
     logits_fp32 = engine.decoder.run(["mask"], feeds)[0]
     logits_fp16 = engine.decoder.run(["mask"], dict(feeds, image_feats=half_features))[0]
     fp16_logit_diff = float(np.abs(logits_fp32 - logits_fp16).max())
@@ -320,6 +321,86 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
     ]
 
 
+def redis_rows(models: Path, threads: int, runs: int) -> list[tuple[str, str, str, str]]:
+    """What the Redis tier (REDIS_URL) adds to a click, against that click's own decoder run.
+
+    A real redis-server on a loopback port (tools/fleet.py) and two or more `InteractiveSegmenter`s standing
+    for backend processes. Each click is timed whole, its decoder run and mask post-processing are taken out,
+    and the time inside Redis calls (`SharedStore.stats.seconds`) is read separately.
+    """
+    import tempfile
+
+    from segnext_backend.engine import FEATURE_SHAPE, SegNextEngine
+    from segnext_backend.segmenter import Click, InteractiveSegmenter
+    from segnext_backend.shared_store import SharedStore
+    from tools.fleet import RedisServer
+
+    encoder_path, decoder_path = ensure_models(models)
+    engine = SegNextEngine(encoder_path, decoder_path, intra_op_threads=threads)
+    features = np.random.default_rng(0).standard_normal(FEATURE_SHAPE, dtype=np.float32)
+    width, height = 4000, 3000
+    first = Click(1000.0, 1000.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(Path(tmp), maxmemory="2gb").start()
+        try:
+
+            def process(shared: bool = True):
+                store = SharedStore(server.url, namespace="benchmark") if shared else None
+                # Features come from Redis (or are put in memory below): nothing is loaded or encoded.
+                return InteractiveSegmenter(engine, lambda key: None, shared_store=store)
+
+            process().shared_store.features("photo", lambda: (features, width, height))  # "encoded elsewhere"
+            alone, warm, other = process(shared=False), process(), process()
+            alone.feature_cache.put("photo", warm.encoded_image("photo"))
+            cases = {"alone": [], "warm": [], "other": [], "first": []}  # (redis s, outside s, decoder s)
+
+            def click(segmenter, clicks):
+                store = segmenter.shared_store
+                before = store.stats.seconds if store else 0.0
+                started = time.perf_counter()
+                prediction = segmenter.predict("photo", clicks, width, height)
+                total = time.perf_counter() - started
+                decoder = prediction.timings.decoder_ms / 1000
+                return ((store.stats.seconds - before) if store else 0.0, total - decoder, decoder)
+
+            for i in range(runs + 1):
+                second = Click(300.0 + 250 * i, 2000.0, positive=i % 2 == 0)
+                third = Click(2500.0, 400.0 + 200 * i, positive=False)
+                for segmenter in (alone, warm):
+                    segmenter.predict("photo", [first], width, height)  # the object's first click, not timed
+                results = {
+                    "alone": click(alone, [first, second]),  # no Redis: the baseline
+                    "warm": click(warm, [first, second]),  # its state written to Redis
+                    "other": click(other, [first, second, third]),  # prefix state read from Redis
+                    "first": click(process(), [first, second, Click(3000.0, 2500.0)]),  # + the image's features
+                }
+                if i:  # the first round warms the sessions up
+                    for name, result in results.items():
+                        cases[name].append(result)
+        finally:
+            server.stop()
+
+    def ms(seconds: float) -> str:
+        return f"{seconds * 1000:,.1f} ms"
+
+    rows = []
+    titles = {
+        "alone": "click without Redis (baseline)",
+        "warm": "warm click: new state written to Redis (4 MB)",
+        "other": "click on another process: prefix state read (4 MB), new one written",
+        "first": "first click of the image on another process: + features read (6.3 MB)",
+    }
+    for name, title in titles.items():
+        redis_s = statistics.median(r for r, _, _ in cases[name])
+        ratio = statistics.median(r / d for r, _, d in cases[name])
+        outside = statistics.median(o for _, o, _ in cases[name])
+        decoder = statistics.median(d for _, _, d in cases[name])
+        if name != "alone":
+            rows.append((f"{title}: Redis round trips", ms(redis_s), f"{ratio:.4f} x decoder run", "<= 0.05"))
+        rows.append((f"{title}: outside its decoder run ({ms(decoder)})", ms(outside), f"{outside / decoder:.4f} x decoder run", ""))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=ROOT / "models" / "bench", help="folder with encoder.onnx and decoder.onnx")
@@ -327,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="timed runs per row (medians)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="as DEVICE: cuda needs onnxruntime-gpu")
     parser.add_argument("--ort-tuning", action="store_true", help="compare ONNX Runtime session options instead")
+    parser.add_argument(
+        "--redis", action="store_true", help="measure what REDIS_URL adds to a click instead (needs redis-server)"
+    )
     parser.add_argument("--tuning-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--level", default="ENABLE_ALL", help=argparse.SUPPRESS)
     parser.add_argument("--no-arena", action="store_true", help=argparse.SUPPRESS)
@@ -339,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         tuning(args.models, args.runs)
         return 0
     started = time.perf_counter()
-    rows = run(args.models, args.threads, args.runs, args.device)
+    rows = redis_rows(args.models, args.threads, args.runs) if args.redis else run(args.models, args.threads, args.runs, args.device)
     print(f"machine: {machine()}")
     print(f"models: {args.models} (random weights, SegNext ViT-B SAx2 size); intra-op threads {args.threads}; device {args.device}\n")
     print("| measurement | median | ratio | target |")

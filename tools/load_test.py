@@ -2,6 +2,7 @@
 
     python -m tools.load_test --annotators 1 4 16 --tasks 3 --clicks 4
     python -m tools.load_test --models models/bench --annotators 20 --tasks 1 --clicks 3   # SegNext-sized
+    python -m tools.load_test --replicas 3 --annotators 1 4 16      # 3 backends + Redis behind nginx
 
 Starts the backend under gunicorn (as the Docker image runs it) with the colour-region test models and a
 local image server standing in for Label Studio, then lets each annotator open their own tasks (a /predict
@@ -11,19 +12,23 @@ and the backend's peak RSS for each N, as a markdown table. Requests and time ar
 
 With `--models DIR` the backend serves DIR's encoder.onnx and decoder.onnx instead (the random-weight
 benchmark models: SegNext's cost, meaningless masks), so the masks are not checked, only answered.
+
+With `--replicas N` (N > 1) it runs N backend processes sharing a Redis, behind nginx round-robin
+(tools/fleet.py: redis-server and nginx from the distribution's packages), and sends every request to nginx.
+The encoder and decoder runs are summed over the backends' /metrics: with the state shared they are one
+encode per image and one decoder run per click, whichever process each request reached.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -31,7 +36,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools.file_server import free_port, serve_files  # noqa: E402
+from tools.file_server import serve_files  # noqa: E402
+from tools.fleet import Backend, Fleet, children  # noqa: E402
 from tools.scenes import click_on, decode_region, encode_png, iou, make_scene, predict_body  # noqa: E402
 
 
@@ -44,7 +50,11 @@ class RunResult:
     seconds: float
     latencies_ms: list[float]
     peak_rss_mb: float
-    error_examples: list[str]
+    replicas: int = 1
+    encoder_runs: int = 0
+    decoder_runs: int = 0
+    images: int = 0
+    error_examples: list[str] = field(default_factory=list)
 
     def row(self) -> str:
         lat = sorted(self.latencies_ms)
@@ -53,14 +63,16 @@ class RunResult:
             return lat[min(len(lat) - 1, int(round(p / 100 * (len(lat) - 1))))] if lat else float("nan")
 
         return (
-            f"| {self.annotators} | {self.clicks} | {self.clicks / self.seconds:.1f} | {pct(50):.0f} | {pct(95):.0f} | "
-            f"{pct(99):.0f} | {self.errors} | {self.wrong_masks} | {self.peak_rss_mb:.0f} |"
+            f"| {self.replicas} | {self.annotators} | {self.clicks} | {self.clicks / self.seconds:.2f} | {pct(50):.0f} | "
+            f"{pct(95):.0f} | {pct(99):.0f} | {self.errors} | {self.wrong_masks} | {self.peak_rss_mb:.0f} | "
+            f"{self.encoder_runs} / {self.images} | {self.decoder_runs} |"
         )
 
 
 HEADER = (
-    "| annotators | clicks | clicks/s | p50 ms | p95 ms | p99 ms | errors | wrong masks | peak RSS MB |\n"
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    "| processes | annotators | clicks | clicks/s | p50 ms | p95 ms | p99 ms | errors | wrong masks | peak RSS MB "
+    "| encodes / images | decoder runs |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 )
 
 
@@ -76,13 +88,6 @@ def _peak_rss_mb(pids: list[int]) -> float:
     return total
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 def run(
     annotators: int,
     tasks: int,
@@ -91,8 +96,10 @@ def run(
     threads: int = 8,
     time_limit: float = 300.0,
     models: Path | None = None,
+    replicas: int = 1,
 ) -> RunResult:
-    """One load run against a fresh backend; returns what it measured (wrong masks only with the test models)."""
+    """One load run against a fresh backend (or `replicas` of them sharing Redis behind nginx); returns what it
+    measured (wrong masks only with the test models)."""
     files, scenes = {}, {}
     for a in range(annotators):
         for t in range(tasks):
@@ -101,7 +108,6 @@ def run(
             files[path] = encode_png(scene.pixels)
             scenes[path] = scene
     image_url, httpd = serve_files(files)
-    port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="segnext-load-"))
     env = {
         **os.environ,
@@ -109,27 +115,23 @@ def run(
         "MODEL_DIR": str(Path(models).resolve()) if models else str(workdir / "models"),
         "LABEL_STUDIO_URL": image_url,
         "LABEL_STUDIO_API_KEY": "load-test",
-        "PORT": str(port),
         "WORKERS": "1",
         "THREADS": str(threads),
         "LOG_LEVEL": "WARNING",
     }
-    log = (workdir / "backend.log").open("w")
-    backend = subprocess.Popen(
-        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
+    if replicas > 1:
+        fleet = Fleet(workdir, env, replicas=replicas)
+    else:
+        env = {k: v for k, v in env.items() if k != "REDIS_URL"}
+        fleet = None
+        backend = Backend(workdir, env)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):  # not listening, or still loading the models
-                pass
-            if time.monotonic() > deadline or backend.poll() is not None:
-                raise RuntimeError("backend did not start: " + (workdir / "backend.log").read_text()[-2000:])
-            time.sleep(0.1)
+        if fleet is not None:
+            fleet.start()
+            url, backends = fleet.url, fleet.backends
+        else:
+            backend.start().wait_ready()
+            url, backends = backend.url, [backend]
 
         latencies, errors, wrong, examples = [], [0], [0], []
         request_timeout = time_limit if models else 120  # SegNext-sized clicks queue for minutes on a small CPU
@@ -177,16 +179,21 @@ def run(
         with ThreadPoolExecutor(annotators) as pool:
             list(pool.map(annotator, range(annotators)))
         seconds = time.perf_counter() - started
-        rss = _peak_rss_mb([backend.pid] + _children(backend.pid))
-        return RunResult(annotators, len(latencies), errors[0], wrong[0], seconds, latencies, rss, examples)
+        rss = _peak_rss_mb([pid for b in backends for pid in [b.process.pid] + children(b.process.pid)])
+        metrics = [b.metrics() for b in backends]
+        return RunResult(
+            annotators, len(latencies), errors[0], wrong[0], seconds, latencies, rss, replicas,
+            encoder_runs=sum(m["encoder_runs"] for m in metrics),
+            decoder_runs=sum(m["decoder_runs"] for m in metrics),
+            images=len(files),
+            error_examples=examples,
+        )
     finally:
-        backend.terminate()
-        try:
-            backend.wait(15)
-        except subprocess.TimeoutExpired:
-            backend.kill()
+        if fleet is not None:
+            fleet.stop()
+        else:
+            backend.stop()
         httpd.shutdown()
-        log.close()
 
 
 def main(argv=None) -> int:
@@ -197,13 +204,20 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=8, help="THREADS of the backend")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per run at most")
     parser.add_argument("--models", type=Path, help="serve this folder's encoder.onnx/decoder.onnx (masks unchecked)")
+    parser.add_argument(
+        "--replicas", type=int, nargs="+", default=[1],
+        help="backend processes; more than 1: sharing a Redis, behind nginx (e.g. --replicas 1 3 to compare)",
+    )
     args = parser.parse_args(argv)
     served = f"models in {args.models} (masks not checked)" if args.models else "test models"
-    print(f"# {os.cpu_count()} CPUs, {served}, 1600x1200 PNGs, gunicorn 1 worker x {args.threads} threads")
+    print(f"# {os.cpu_count()} CPUs, {served}, 1600x1200 PNGs, gunicorn 1 worker x {args.threads} threads per process")
     print(HEADER)
     failed = False
-    for n in args.annotators:
-        result = run(n, args.tasks, args.clicks, threads=args.threads, time_limit=args.time_limit, models=args.models)
+    for n, replicas in [(n, r) for n in args.annotators for r in args.replicas]:
+        result = run(
+            n, args.tasks, args.clicks, threads=args.threads, time_limit=args.time_limit, models=args.models,
+            replicas=replicas,
+        )
         print(result.row(), flush=True)
         for example in result.error_examples:
             print(f"  error: {example}", file=sys.stderr, flush=True)

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from api import init_app
     from segnext_backend.engine import SegNextEngine
     from segnext_backend.settings import Settings
-    from tools.test_models import build_test_models
+    from segnext_backend.demo_models import build_demo_models
 
     scene = make_scene(1600, 1200)
     # Noise of a few levels, as a photo has, so that the file is the size of one (the test models still
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
             self.wfile.write(png)
 
     url, httpd = start_server(Handler)
-    engine = SegNextEngine(*build_test_models(folder / "models"), intra_op_threads=1)
+    engine = SegNextEngine(*build_demo_models(folder / "models"), intra_op_threads=1)
     base = Settings(label_studio_url=url, local_files_document_root=str(folder))
     runtimes = {
         every: model.build_runtime(replace(base, image_revalidate_seconds=0.0 if every else 3600.0), engine)

@@ -107,10 +107,20 @@ def wait_for_health(process: Process, url: str, timeout: float) -> float:
 
 
 class LabelStudio:
-    def __init__(self, url: str, legacy_token: str, password: str):
+    def __init__(self, url: str, legacy_token: str, password: str, log_path: Path):
         self.url = url
         self.legacy_token = legacy_token
         self.password = password
+        self.log_path = log_path
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
+    def log_since(self, offset: int) -> str:
+        """What Label Studio has logged since the log had `offset` bytes."""
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
 
 
 @pytest.fixture(scope="session")
@@ -142,7 +152,7 @@ def label_studio(tmp_path_factory):
         # Label Studio moves to the next port silently when its port is taken: make sure it is ours.
         who = requests.get(url + "/api/current-user/whoami", headers={"Authorization": f"Token {token}"}, timeout=10)
         assert who.status_code == 200 and who.json()["email"] == ADMIN_EMAIL, (who.status_code, who.text)
-        yield LabelStudio(url, token, password)
+        yield LabelStudio(url, token, password, process.log_path)
     finally:
         if process is not None:
             with step("stop Label Studio"):
@@ -198,6 +208,10 @@ class Backend:
 
     def log_tail(self) -> str:
         return tail(self.workdir / f"backend-{self.starts}.log")
+
+    def predict_requests(self) -> int:
+        """How many POST /predict this backend process has answered (from its access log)."""
+        return (self.workdir / f"backend-{self.starts}.log").read_text(errors="replace").count('"POST /predict ')
 
 
 @pytest.fixture(scope="session")

@@ -60,12 +60,14 @@ def build_images() -> dict[str, Image]:
     large = make_scene(4000, 3000, seed=43)
     prefetch = make_scene(1200, 800, seed=44)
     restart = make_scene(1000, 700, seed=45)
+    opened = make_scene(1100, 750, seed=46)
     return {
         "plain": Image("plain.png", plain, plain.pixels, None),
         "exif6": Image("exif6.png", rotated, np.ascontiguousarray(np.rot90(rotated.pixels, 1)), 6),
         "large": Image("large.png", large, large.pixels, None),
         "prefetch": Image("prefetch.png", prefetch, prefetch.pixels, None),
         "restart": Image("restart.png", restart, restart.pixels, None),
+        "opened": Image("opened.png", opened, opened.pixels, None),
     }
 
 
@@ -78,8 +80,9 @@ def images() -> dict[str, Image]:
 class Lab:
     """One Label Studio project with the uploaded images and the backend connected to it."""
 
-    def __init__(self, auth_kind: str, api: Api, backend: Backend, project_id: int, ml_id: int, images: dict):
-        self.auth_kind, self.api, self.backend = auth_kind, api, backend
+    def __init__(self, auth_kind: str, ls: LabelStudio, api: Api, backend: Backend, project_id: int, ml_id: int,
+                 images: dict):
+        self.auth_kind, self.ls, self.api, self.backend = auth_kind, ls, api, backend
         self.project_id, self.ml_id, self.images = project_id, ml_id, images
 
     def click(self, image: Image, points: list[dict]) -> dict | None:
@@ -171,7 +174,7 @@ def lab(request, label_studio: LabelStudio, start_backend, images):
             }).json()
             state = api.call("GET", f"/api/ml/{ml['id']}").json()
             assert state.get("state") in ("CO", "CONNECTED", None) or state.get("is_interactive"), state
-        yield Lab(auth_kind, api, backend, project["id"], ml["id"], lab_images)
+        yield Lab(auth_kind, ls, api, backend, project["id"], ml["id"], lab_images)
     finally:
         if restore_legacy is not None:  # later sessions of the same Label Studio (none here) get it back
             try:
@@ -209,14 +212,9 @@ def test_opening_a_task_encodes_its_image_in_the_background(lab: Lab):
         elapsed = time.monotonic() - start
     assert elapsed < 10, f"retrieving predictions took {elapsed:.1f} s"
     with step(f"[{lab.auth_kind}] wait for the background encoding"):
-        deadline = time.monotonic() + 60
-        while True:
-            after = lab.backend.metrics()["feature_cache"]
-            if after["entries"] > before["entries"]:
-                break
-            assert time.monotonic() < deadline, f"the image was not encoded in the background: {after}\n{lab.backend.log_tail()}"
-            time.sleep(0.2)
+        after = wait_for_new_features(lab, before)
     assert after["misses"] == before["misses"] + 1, (before, after)
+    assert lab.api.call("GET", "/api/predictions", params={"task": image.task_id}).json() == []
     with step(f"[{lab.auth_kind}] first click on the prefetched image"):
         mask, _ = lab.mask(image, [point(image, 1)])
     clicked = lab.backend.metrics()["feature_cache"]
@@ -224,6 +222,48 @@ def test_opening_a_task_encodes_its_image_in_the_background(lab: Lab):
     # The click found the features: no encoder run (no new miss, no new entry), one more hit.
     assert clicked["misses"] == after["misses"] and clicked["entries"] == after["entries"], (after, clicked)
     assert clicked["hits"] > after["hits"], (after, clicked)
+
+
+INCORRECT_RESPONSE = "ML backend returns an incorrect"  # Label Studio's error for a /predict answer it rejects
+
+
+def wait_for_new_features(lab: Lab, before: dict) -> dict:
+    deadline = time.monotonic() + 60
+    while True:
+        after = lab.backend.metrics()["feature_cache"]
+        if after["entries"] > before["entries"]:
+            return after
+        assert time.monotonic() < deadline, f"the image was not encoded in the background: {after}\n{lab.backend.log_tail()}"
+        time.sleep(0.2)
+
+
+def test_opening_a_task_encodes_its_image_and_leaves_nothing_on_the_task(lab: Lab):
+    # The labeling page loads a task with GET /api/tasks/{id}; a task without predictions makes Label Studio
+    # send /predict without context. The backend answers one empty list of predictions per task ([[]]):
+    # Label Studio then logs no error (an empty `results` list makes it log one for every task opened), stores
+    # no prediction (an empty one would be shown to annotators), and asks again the next time the task opens.
+    image = lab.images["opened"]
+    before = lab.backend.metrics()["feature_cache"]
+    log_offset = lab.ls.log_size()
+    predicts = lab.backend.predict_requests()
+    with step(f"[{lab.auth_kind}] open the task (GET /api/tasks/{image.task_id})"):
+        task = lab.api.call("GET", f"/api/tasks/{image.task_id}").json()
+    assert lab.backend.predict_requests() == predicts + 1, lab.backend.log_tail()
+    with step(f"[{lab.auth_kind}] wait for the background encoding"):
+        wait_for_new_features(lab, before)
+    assert task.get("predictions") == [], task.get("predictions")
+    stored = lab.api.call("GET", "/api/predictions", params={"task": image.task_id}).json()
+    assert stored == [], stored
+    logged = lab.ls.log_since(log_offset)
+    assert INCORRECT_RESPONSE not in logged and "[ERROR]" not in logged, logged[-3000:]
+    with step(f"[{lab.auth_kind}] open the task again"):
+        lab.api.call("GET", f"/api/tasks/{image.task_id}")
+    assert lab.backend.predict_requests() == predicts + 2  # no stored prediction: Label Studio asks again
+    assert lab.api.call("GET", "/api/predictions", params={"task": image.task_id}).json() == []
+    with step(f"[{lab.auth_kind}] first click on the opened task"):
+        mask, _ = lab.mask(image, [point(image, 2)])
+    assert iou(mask, image.shown.objects[2]) >= 0.98
+    assert INCORRECT_RESPONSE not in lab.ls.log_since(log_offset)
 
 
 def test_a_restart_between_two_clicks_gives_the_same_mask(lab: Lab):

@@ -7,7 +7,8 @@ names, dtypes and shapes but compute something simple and exactly
 reproducible ("colour region + previous mask"), so tests of the backend can
 tell a right mask from a wrong one (wrong click order, x/y swapped, wrong
 scaling, prev_mask not fed back, ...).  They are also small enough to build on
-the fly, with ``onnx.helper`` only - no PyTorch, no downloads.
+the fly, with ``onnx.helper`` only - no PyTorch, no downloads.  ``DEMO=true``
+serves them (so they are part of the package), and the tests run on them.
 
 They are NOT SegNext.  Both carry ``TEST_MODEL_METADATA_KEY = "true"`` in their
 metadata so the server can warn loudly when it is serving them.
@@ -30,7 +31,7 @@ Behaviour:
 
 Command line (from the repository root)::
 
-    python -m tools.test_models OUT_DIR
+    python -m segnext_backend.demo_models OUT_DIR
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ IR_VERSION = 8
 _DOC = (
     "TEST MODEL, NOT SegNext: a tiny stand-in with SegNext's ONNX interface and "
     "predictable output ('colour region + previous mask'), built by "
-    "tools/test_models.py for tests and demo mode. Its masks are meaningless "
+    "segnext_backend/demo_models.py for tests and demo mode. Its masks are meaningless "
     "for real segmentation."
 )
 
@@ -77,7 +78,7 @@ def _finish(graph: onnx.GraphProto) -> onnx.ModelProto:
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="segnext_backend.tools.test_models",
+        producer_name="segnext_backend.demo_models",
         doc_string=_DOC,
     )
     model.ir_version = IR_VERSION
@@ -195,7 +196,7 @@ def _save_atomic(model: onnx.ModelProto, path: Path) -> None:
         raise
 
 
-def build_test_models(out_dir) -> tuple[Path, Path]:
+def build_demo_models(out_dir) -> tuple[Path, Path]:
     """Write ``encoder.onnx`` and ``decoder.onnx`` into out_dir; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,12 +243,12 @@ def reference_decode(
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m tools.test_models",
+        prog="python -m segnext_backend.demo_models",
         description="Build tiny TEST stand-ins (not SegNext) for encoder.onnx and decoder.onnx.",
     )
     parser.add_argument("out_dir", type=Path, help="directory to write encoder.onnx and decoder.onnx into")
     args = parser.parse_args(argv)
-    for path in build_test_models(args.out_dir):
+    for path in build_demo_models(args.out_dir):
         print(path)
 
 

@@ -1,4 +1,4 @@
-"""Tests for tools/test_models.py, the tiny SegNext stand-in models.
+"""Tests for segnext_backend/demo_models.py, the tiny SegNext stand-in models.
 
 Other tests trust these models to produce known masks, so here they are
 checked two ways: against reference_decode (bit-exact) and against boolean
@@ -19,11 +19,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # plain `pytest` does not put the root on sys.path
     sys.path.insert(0, str(REPO_ROOT))
 
-from tools.test_models import (  # noqa: E402
+from segnext_backend.demo_models import (  # noqa: E402
     LOGIT,
     TEST_MODEL_METADATA_KEY,
     TOLERANCE,
-    build_test_models,
+    build_demo_models,
     reference_decode,
 )
 
@@ -74,7 +74,7 @@ def image():
 
 @pytest.fixture(scope="module")
 def model_paths(tmp_path_factory):
-    return build_test_models(tmp_path_factory.mktemp("test_models"))
+    return build_demo_models(tmp_path_factory.mktemp("test_models"))
 
 
 def _session(path):
@@ -221,15 +221,15 @@ def test_background_click_selects_everything_else(decoder, feats, image):
 
 
 def test_rebuild_is_clean_and_cli_works(tmp_path):
-    enc, dec = build_test_models(tmp_path / "new" / "dir")  # missing dirs are created
+    enc, dec = build_demo_models(tmp_path / "new" / "dir")  # missing dirs are created
     assert (enc.name, dec.name) == ("encoder.onnx", "decoder.onnx")
-    build_test_models(enc.parent)  # overwriting in place works
+    build_demo_models(enc.parent)  # overwriting in place works
     # atomic writes leave no temp files behind
     assert sorted(p.name for p in enc.parent.iterdir()) == ["decoder.onnx", "encoder.onnx"]
 
     out = tmp_path / "cli"
     result = subprocess.run(
-        [sys.executable, "-m", "tools.test_models", str(out)],
+        [sys.executable, "-m", "segnext_backend.demo_models", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, check=True,
     )
     assert result.stdout.split() == [str(out / "encoder.onnx"), str(out / "decoder.onnx")]

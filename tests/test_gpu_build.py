@@ -1,0 +1,118 @@
+"""The GPU build of ONNX Runtime on a machine without a GPU: what the GPU image does there.
+
+The backend runs from a virtual environment of its own, `.cache/venv-onnxruntime-gpu/` (made on the first run
+and kept until a requirements file changes): the serving requirements as the Dockerfile installs them, with
+onnxruntime replaced by requirements-gpu.txt's onnxruntime-gpu (a 256 MB wheel) but without its [cuda,cudnn]
+extras, the NVIDIA libraries (several GB) that a machine without a GPU cannot use; their absence is one of the
+things `DEVICE=cuda` must name. Checked: `onnxruntime.preload_dlls()` runs, `DEVICE=auto` serves a right click
+on the CPU and says so in /health, and `DEVICE=cuda` refuses to start, naming the driver and the library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import (
+    ROOT, backend_env, click_on, decode_region, encode_png, free_port, iou, make_scene, predict_body, wait_until_healthy,
+)
+
+from segnext_backend import device
+
+GPU_VENV = ROOT / ".cache" / "venv-onnxruntime-gpu"
+REQUIREMENTS = ("requirements.txt", "requirements-no-deps.txt", "requirements-gpu.txt")
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or device.driver_problem() is None,
+    reason="these tests describe a Linux machine without a usable NVIDIA GPU",
+)
+
+
+def onnxruntime_gpu_without_extras() -> str:
+    for line in (ROOT / "requirements-gpu.txt").read_text().splitlines():
+        requirement = line.split("#", 1)[0].strip()
+        if requirement.startswith("onnxruntime-gpu"):
+            return re.sub(r"\[[^]]*\]", "", requirement)
+    raise AssertionError("requirements-gpu.txt pins no onnxruntime-gpu")
+
+
+def run(command: list, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200, **kwargs)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def gpu_python() -> Path:
+    """The python of the GPU-build environment, made (or remade, when a requirements file changed) first."""
+    wanted = hashlib.sha256(
+        b"".join((ROOT / name).read_bytes() for name in REQUIREMENTS) + sys.version.encode()
+    ).hexdigest()
+    stamp = GPU_VENV / ".installed-gpu-build"
+    python = GPU_VENV / "bin" / "python"
+    if stamp.is_file() and stamp.read_text() == wanted:
+        return python
+    shutil.rmtree(GPU_VENV, ignore_errors=True)
+    run(["bash", "scripts/install.sh"], env={**os.environ, "VENV": str(GPU_VENV), "PYTHON": sys.executable})
+    pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
+    run([*pip, "uninstall", "--yes", "onnxruntime"])  # as the Dockerfile's GPU build does
+    run([*pip, "install", "--quiet", onnxruntime_gpu_without_extras()])
+    conflicts = subprocess.run([*pip, "check"], capture_output=True, text=True).stdout.splitlines()
+    assert [line for line in conflicts if not line.startswith("label-studio-ml ")] in ([], ["No broken requirements found."])
+    build = run([str(python), "-c", "import onnxruntime as o; print(o.get_available_providers())"]).stdout
+    assert "CUDAExecutionProvider" in build, build
+    stamp.write_text(wanted)
+    return python
+
+
+def test_device_auto_preloads_the_libraries_then_serves_a_right_click_on_the_cpu(gpu_python, image_server, tmp_path):
+    port = free_port()
+    log = tmp_path / "backend.log"
+    env = backend_env(tmp_path, DEMO="true", DEVICE="auto", LABEL_STUDIO_URL=image_server.url)
+    process = subprocess.Popen(
+        [str(gpu_python), "_wsgi.py", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(url, process, log)
+        health = requests.get(url + "/health", timeout=30).json()
+        assert health["device"] == "auto" and health["execution_provider"] == "CPUExecutionProvider"
+        scene = make_scene(800, 600, seed=31)
+        path = image_server.add("/data/upload/1/gpu-build.png", encode_png(scene.pixels))
+        response = requests.post(url + "/predict", json=predict_body(path, [click_on(scene, 2)]), timeout=120)
+        assert response.status_code == 200, response.text
+        region = response.json()["results"][0]["result"][0]
+        assert iou(decode_region(region, 800, 600), scene.objects[2]) >= 0.98
+    finally:
+        process.terminate()
+        process.wait(30)
+    text = log.read_text()
+    # preload_dlls ran (it reports the CUDA libraries that the [cuda] extra would have brought) ...
+    assert "onnxruntime.preload_dlls: Failed to load libcublasLt.so.13" in text, text
+    # ... and the start-up log says that the CPU runs, and why.
+    assert "DEVICE=auto: running on the CPU, because the GPU cannot be used: no NVIDIA driver" in text, text
+    assert "execution provider: CPUExecutionProvider" in text
+
+
+@pytest.mark.parametrize("server", ["_wsgi.py", "gunicorn"])
+def test_device_cuda_refuses_to_start_naming_the_driver_and_the_library(gpu_python, tmp_path, server):
+    env = backend_env(tmp_path, DEMO="true", DEVICE="cuda", PORT=str(free_port()))
+    if server == "gunicorn":  # the Docker image's command
+        command = [str(gpu_python.parent / "gunicorn"), "-c", "gunicorn.conf.py"]
+    else:
+        command = [str(gpu_python), "_wsgi.py", "--check"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    message = result.stderr
+    assert "DEVICE=cuda, but the GPU cannot be used" in message, message
+    assert "no NVIDIA driver (libcuda.so.1" in message  # the driver
+    assert "CUDA provider library does not load (libcublasLt.so.13" in message  # the library
+    assert "started CPUExecutionProvider instead of CUDAExecutionProvider" in message  # the quiet fallback
