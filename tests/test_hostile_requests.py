@@ -316,11 +316,12 @@ def test_half_a_basic_auth_configuration_is_refused(given):
         Settings.from_env(given)
 
 
-def test_half_a_basic_auth_configuration_stops_the_process_with_a_message(tmp_path):
+@pytest.mark.parametrize("env, flags", [({"BASIC_AUTH_PASS": "s3cret"}, []), ({}, ["--basic-auth-user", "annotator"])])
+def test_half_a_basic_auth_configuration_stops_the_process_with_a_message(tmp_path, env, flags):
     result = subprocess.run(
-        [sys.executable, "_wsgi.py", "--port", "1"],
+        [sys.executable, "_wsgi.py", "--port", "1", *flags],
         cwd=ROOT,
-        env=backend_env(tmp_path, DEMO="true", BASIC_AUTH_PASS="s3cret"),
+        env=backend_env(tmp_path, DEMO="true", **env),
         capture_output=True,
         text=True,
         timeout=120,
