@@ -54,8 +54,9 @@ def prepare_model_files(settings: Settings) -> tuple[Path, Path]:
     return settings.model_dir / "encoder.onnx", settings.model_dir / "decoder.onnx"
 
 
-def load(settings: Settings) -> None:
-    """Load the models into this process (once: every request shares them)."""
+def load_runtime(settings: Settings):
+    """The engine, image source and segmenter that these settings make (`model.Runtime`); tools.evaluate
+    measures the backend through this same path."""
     import model
     from segnext_backend.device import choose_execution_providers
     from segnext_backend.engine import SegNextEngine
@@ -72,8 +73,16 @@ def load(settings: Settings) -> None:
     )
     if engine.is_test_model:
         logger.warning(DEMO_BANNER)
-    model.set_runtime(model.build_runtime(settings, engine))
-    logger.info("models loaded from %s and %s (%s)", encoder_path, decoder_path, model.get_runtime().model_version)
+    runtime = model.build_runtime(settings, engine)
+    logger.info("models loaded from %s and %s (%s)", encoder_path, decoder_path, runtime.model_version)
+    return runtime
+
+
+def load(settings: Settings) -> None:
+    """Load the models into this process (once: every request shares them)."""
+    import model
+
+    model.set_runtime(load_runtime(settings))
 
 
 def create_app(settings: Settings):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Creates (or updates) the virtual environment with the backend's dependencies; with --test, the test
-# dependencies too (torch's CPU build among them). Re-running is cheap: nothing is installed when the
-# requirement files of that set have not changed. The serving set and the test set keep stamps of their own,
-# so switching between scripts/serve.sh and scripts/test.sh installs nothing.
+# dependencies too (torch's CPU build among them) and those of tools/evaluate.py (requirements-tools.txt).
+# Re-running is cheap: nothing is installed when the requirement files of that set have not changed. The
+# serving set and the test set keep stamps of their own, so switching between scripts/serve.sh and
+# scripts/test.sh installs nothing.
 # The Dockerfile runs the same pip commands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ python="${PYTHON:-python3}"
 files=(requirements.txt requirements-no-deps.txt)
 stamp="$venv/.installed-serve"
 if [[ "${1:-}" == "--test" ]]; then
-  files+=(requirements-test.txt requirements-torch.txt)
+  files+=(requirements-test.txt requirements-tools.txt requirements-torch.txt)
   stamp="$venv/.installed-test"
 fi
 
@@ -27,7 +28,7 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 "${pip[@]}" install --quiet -r requirements.txt
 "${pip[@]}" install --quiet --no-deps -r requirements-no-deps.txt
 if [[ "${1:-}" == "--test" ]]; then
-  "${pip[@]}" install --quiet -r requirements-test.txt
+  "${pip[@]}" install --quiet -r requirements-test.txt -r requirements-tools.txt
   # A call of its own: only torch is looked up on PyTorch's CPU index (requirements-torch.txt).
   "${pip[@]}" install --quiet -r requirements-torch.txt
 fi

@@ -26,16 +26,20 @@ class ObjectMask:
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """The probability of each logit, float32, without overflow warnings for large negative logits."""
-    logits = np.asarray(logits, dtype=np.float32)
-    out = np.exp(-np.abs(logits))  # in (0, 1]: never overflows
-    positive = logits >= 0
-    # sigmoid(x) = 1 / (1 + e^-x) for x >= 0, and e^x / (1 + e^x) for x < 0.
-    return np.where(positive, 1.0 / (1.0 + out), out / (1.0 + out)).astype(np.float32)
+    """The probability of each logit, float32: 1 / (1 + e^-x), as torch.sigmoid computes it.
+
+    For x below about -88, e^-x overflows float32 to infinity and the probability is exactly 0, which is the
+    right answer: the overflow is expected, so it is not warned about. Three passes, in place.
+    """
+    out = np.negative(logits, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        np.exp(out, out=out)
+    out += np.float32(1.0)
+    return np.reciprocal(out, out=out)
 
 
 def logits_to_mask(logits: np.ndarray, frame: ModelFrame, threshold: float) -> ObjectMask:
-    """1024x1024 logits -> the frame's mask: in where sigmoid(resized logits) >= threshold.
+    """1024x1024 logits -> the frame's mask: in where sigmoid(resized logits) > threshold (upstream's `> 0.49`).
 
     Thresholding the probability at t is thresholding the logit at log(t / (1 - t)), since the sigmoid is
     increasing: so no sigmoid runs over the full-size image. The score is taken in the model frame, where the
@@ -43,8 +47,8 @@ def logits_to_mask(logits: np.ndarray, frame: ModelFrame, threshold: float) -> O
     """
     logit_threshold = np.float32(math.log(threshold / (1.0 - threshold)))
     # Resized and compared a band of rows at a time: the same values as resizing first, without 48 MB of floats.
-    mask = frame.logits_to_frame_at_least(logits, logit_threshold)
-    inside = logits >= logit_threshold
+    mask = frame.logits_to_frame_above(logits, logit_threshold)
+    inside = logits > logit_threshold
     score = float(sigmoid(logits[inside]).mean()) if inside.any() and mask.any() else 0.0
     return ObjectMask(mask=mask, score=score)
 

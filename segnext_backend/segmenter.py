@@ -2,12 +2,15 @@
 
 - An image is encoded once: its features are kept in `feature_cache`, keyed by the image's URL, with the
   size of the pixels that were encoded.
-- An object is the sequence of its clicks on one image. After each click the decoder's logits for that
-  click sequence are kept in `object_states`; the next click feeds back their sigmoid as `prev_mask`, so the
-  k-th click costs one decoder run. When the state of the prefix is missing (a restart, an eviction, a click
-  undone and a new one made), it is rebuilt by replaying the prefix click by click, which gives exactly
-  what the clicks would have given one at a time.
-- Clicks are keyed in the model frame (whole pixels of the 1024 frame), which is what the decoder sees.
+- An object is the sequence of its clicks on one image, in one frame (the size Label Studio reports). After
+  each click the decoder's logits for that click sequence are kept in `object_states`; the next click feeds
+  back, as upstream does, their probability at the frame's size resized back to 1024x1024 as `prev_mask`
+  (`ModelFrame.through_frame`), so the k-th click costs one decoder run. That `prev_mask` depends on the
+  frame's size, so the state is keyed by it too. When the state of the prefix is missing (a restart, an
+  eviction, a click undone and a new one made), it is rebuilt by replaying the prefix click by click, which
+  gives exactly what the clicks would have given one at a time.
+- Clicks are keyed in the model frame (whole pixels of the 1024 frame, upstream's rounding), which is what
+  the decoder sees.
 
 This is the package's front door; it knows nothing of Label Studio or HTTP.
 """
@@ -112,7 +115,8 @@ class InteractiveSegmenter:
         self.max_clicks = max_clicks
         self.max_decoder_runs = max_decoder_runs
         self.feature_cache: LruCache[str, EncodedImage] = LruCache(feature_cache_bytes, lambda e: FEATURE_BYTES)
-        self.object_states: LruCache[tuple[str, ClickKey], np.ndarray] = LruCache(
+        # (image key, (frame width, frame height), clicks) -> the decoder's logits after those clicks
+        self.object_states: LruCache[tuple[str, tuple[int, int], ClickKey], np.ndarray] = LruCache(
             object_state_cache_bytes, lambda logits: logits.nbytes
         )
         self.feature_disk_cache_dir = Path(feature_disk_cache_dir) if feature_disk_cache_dir else None
@@ -266,10 +270,11 @@ class InteractiveSegmenter:
     def _state_kept(self, key) -> bool:
         return key in self.object_states or (self.shared_store is not None and self.shared_store.has_state(key))
 
-    def _check_decoder_runs(self, image_key, clicks: ClickKey) -> None:
+    def _check_decoder_runs(self, image_key, frame: ModelFrame, clicks: ClickKey) -> None:
         """Refuse, before any work, a click whose replay would cost more decoder runs than one request may."""
+        size = (frame.width, frame.height)
         runs = 0
-        while runs < len(clicks) and not self._state_kept((image_key, clicks[: len(clicks) - runs])):
+        while runs < len(clicks) and not self._state_kept((image_key, size, clicks[: len(clicks) - runs])):
             runs += 1
             if runs > self.max_decoder_runs:
                 raise RequestError(
@@ -279,12 +284,12 @@ class InteractiveSegmenter:
                 )
 
     def _object_logits(
-        self, image: EncodedImage, clicks: ClickKey, timings: PredictionTimings, depth: int = 0
+        self, image: EncodedImage, frame: ModelFrame, clicks: ClickKey, timings: PredictionTimings, depth: int = 0
     ) -> np.ndarray:
         """Logits after this click sequence: one decoder run when the prefix's state is known. A replay keeps
         the states of its last REPLAY_STATES_KEPT prefixes (depth counts back from the request's click), in
         memory and in the shared store."""
-        key = (image.key, clicks)
+        key = (image.key, (frame.width, frame.height), clicks)  # prev_mask depends on the frame's size
         keep = depth < REPLAY_STATES_KEPT
 
         def decode() -> np.ndarray:
@@ -295,8 +300,9 @@ class InteractiveSegmenter:
             if len(clicks) == 1:
                 prev_mask = np.zeros((MODEL_SIZE, MODEL_SIZE), dtype=np.float32)
             else:
-                # SegNext is trained with the previous prediction's probability, not its logits or its mask.
-                prev_mask = sigmoid(self._object_logits(image, clicks[:-1], timings, depth + 1))
+                # SegNext is trained with the previous prediction's probability, not its logits or its mask;
+                # upstream keeps it at the image's size and resizes it back to 1024 for the next click.
+                prev_mask = frame.through_frame(self._object_logits(image, frame, clicks[:-1], timings, depth + 1), sigmoid)
             coords = np.array([(x, y) for x, y, _ in clicks], dtype=np.float32)
             labels = np.array([label for _, _, label in clicks], dtype=np.float32)
             started = time.perf_counter()
@@ -321,9 +327,9 @@ class InteractiveSegmenter:
         frame = ModelFrame(frame_width, frame_height)
         click_key = self._click_key(clicks, frame)
         timings = PredictionTimings()
-        self._check_decoder_runs(image_key, click_key)
+        self._check_decoder_runs(image_key, frame, click_key)
         image = self.encoded_image(image_key, timings)
-        logits = self._object_logits(image, click_key, timings)
+        logits = self._object_logits(image, frame, click_key, timings)
         started = time.perf_counter()
         object_mask = logits_to_mask(logits, frame, self.mask_threshold)
         timings.postprocess_ms = (time.perf_counter() - started) * 1000

@@ -67,7 +67,7 @@ class Settings:
     model_download_retry_max_seconds: float = 3600.0
     # Serve the project's colour-region test models instead of SegNext (for trying the backend out).
     demo: bool = False
-    # A pixel is in the mask where the predicted probability is at least this.
+    # A pixel is in the mask where the predicted probability is more than this (upstream: `> 0.49`).
     mask_threshold: float = 0.49
     # Bytes of image features kept in memory (12.6 MB per image for SegNext), least recently used out first.
     feature_cache_bytes: int = 1024 * MIB

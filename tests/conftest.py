@@ -76,6 +76,30 @@ def test_model_paths(tmp_path_factory) -> tuple[Path, Path]:
     return build_demo_models(tmp_path_factory.mktemp("test-models"))
 
 
+@pytest.fixture(scope="session")
+def shallow_segnext(tmp_path_factory):
+    """The shallow SegNext export (tools/build_benchmark_models.py --shallow): SegNext's true widths and ONNX
+    interface with 2 encoder blocks and 1 fusion block, random weights. (model, encoder path, decoder path).
+
+    The last bias is shifted so that a click's logits on a synthetic scene are centred on 0: with seed 0 as
+    built, 93 % of them are positive and the masks cover almost the whole image, which would leave the mask
+    comparisons little boundary to compare."""
+    torch = pytest.importorskip("torch")
+    from tools.build_benchmark_models import export_models
+    from tools.segnext_arch import SegNextConfig, SegNextDecoder, SegNextEncoder, SegNextModel
+
+    model = SegNextModel(SegNextConfig.shallow(), seed=0)
+    image = torch.from_numpy(make_scene(640, 480, seed=1).pixels).permute(2, 0, 1)[None].float() / 255
+    image = torch.nn.functional.interpolate(image, size=(1024, 1024), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        logits = SegNextDecoder(model)(
+            SegNextEncoder(model)(image), torch.tensor([[[300.0, 400.0]]]), torch.tensor([[1.0]]), torch.zeros(1, 1, 1024, 1024)
+        )
+        model.head.seg_conv.bias -= logits.median()
+    encoder, decoder = export_models(model, tmp_path_factory.mktemp("shallow-segnext"))
+    return model, encoder, decoder
+
+
 class EngineSpy:
     """Wraps a real engine and records every encoder and decoder run (inputs and outputs)."""
 
@@ -107,14 +131,15 @@ class EngineSpy:
 
 @pytest.fixture
 def make_client(test_model_paths, image_server):
-    """make_client(**settings) -> (Flask test client, EngineSpy); the image server is Label Studio's host."""
+    """make_client(models=None, **settings) -> (Flask test client, EngineSpy); the image server is Label
+    Studio's host. `models`: (encoder path, decoder path), the test models by default."""
     made = []
 
-    def make(**overrides):
+    def make(models=None, **overrides):
         settings = replace(
             Settings(), **{"label_studio_url": image_server.url, "label_studio_api_key": "test-token", **overrides}
         )
-        spy = EngineSpy(SegNextEngine(*test_model_paths, intra_op_threads=1))
+        spy = EngineSpy(SegNextEngine(*(models or test_model_paths), intra_op_threads=1))
         runtime = model.build_runtime(settings, spy)
         model.set_runtime(runtime)
         made.append(runtime)

@@ -16,7 +16,7 @@ np = pytest.importorskip("numpy")
 # `tools` is a plain directory at the repository root; make it importable however pytest is started.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.build_benchmark_models import example_inputs, export_models  # noqa: E402
+from tools.build_benchmark_models import example_inputs  # noqa: E402
 from tools.segnext_arch import (  # noqa: E402
     EXPECTED_PARAMS_M,
     SegNextConfig,
@@ -70,13 +70,6 @@ def test_rasterise_clicks_disks():
     assert disks[0, :, 500, 500].sum() == 0  # padding is ignored
 
 
-@pytest.fixture(scope="module")
-def shallow(tmp_path_factory):
-    model = SegNextModel(SegNextConfig.shallow(), seed=0)
-    enc_path, dec_path = export_models(model, tmp_path_factory.mktemp("bench"))
-    return model, enc_path, dec_path
-
-
 def _session(path):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
@@ -89,8 +82,8 @@ def _io(path):
     return {v.name: (v.type.tensor_type.elem_type, dims(v)) for v in list(graph.input) + list(graph.output)}
 
 
-def test_onnx_interface(shallow):
-    _, enc_path, dec_path = shallow
+def test_onnx_interface(shallow_segnext):
+    _, enc_path, dec_path = shallow_segnext
     f32 = onnx.TensorProto.FLOAT
     assert _io(enc_path) == {"image": (f32, [1, 3, 1024, 1024]), "image_feats": (f32, [1, 768, 64, 64])}
     assert _io(dec_path) == {
@@ -111,8 +104,8 @@ def test_onnx_interface(shallow):
         )
 
 
-def test_encoder_matches_pytorch(shallow):
-    model, enc_path, _ = shallow
+def test_encoder_matches_pytorch(shallow_segnext):
+    model, enc_path, _ = shallow_segnext
     image, _ = example_inputs(model.cfg, seed=1)
     with torch.no_grad():
         ref = SegNextEncoder(model)(image).numpy()
@@ -123,8 +116,8 @@ def test_encoder_matches_pytorch(shallow):
 
 
 @pytest.mark.parametrize("num_points", [1, 3])
-def test_decoder_matches_pytorch_dynamic_clicks(shallow, num_points):
-    model, _, dec_path = shallow
+def test_decoder_matches_pytorch_dynamic_clicks(shallow_segnext, num_points):
+    model, _, dec_path = shallow_segnext
     _, (feats, coords, labels, prev) = example_inputs(model.cfg, num_points=num_points, seed=2)
     with torch.no_grad():
         ref = SegNextDecoder(model)(feats, coords, labels, prev).numpy()

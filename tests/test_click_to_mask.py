@@ -74,10 +74,17 @@ def test_positive_positive_negative_describes_the_object(make_client, image_serv
         assert len(spy.decodes) - decodes_before == 1
         assert spy.encodes - encodes_before == (1 if k == 1 else 0)
 
-    # What was fed back is the probability of the previous prediction, not its logits or a thresholded mask.
+    # What was fed back is upstream's: the previous prediction's probability at the image's size (not its
+    # logits, not a thresholded mask, not the 1024 probability), resized back to 1024x1024.
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
     assert not spy.decodes[0]["prev_mask"].any()
     for previous, current in zip(spy.decodes, spy.decodes[1:]):
-        np.testing.assert_allclose(current["prev_mask"], sigmoid(previous["logits"]), rtol=0, atol=1e-7)
+        logits = torch.from_numpy(np.ascontiguousarray(previous["logits"]))[None, None]
+        at_image_size = F.interpolate(logits, size=(900, 1200), mode="bilinear", align_corners=False).sigmoid()
+        expected = F.interpolate(at_image_size, size=(1024, 1024), mode="bilinear", align_corners=False)[0, 0].numpy()
+        np.testing.assert_allclose(current["prev_mask"], expected, rtol=0, atol=1e-5)
+        assert np.abs(current["prev_mask"] - sigmoid(previous["logits"])).max() > 0.01
     # Every click so far goes to the decoder, in order, with labels 1 and 0.
     np.testing.assert_array_equal(spy.decodes[2]["labels"], [1, 1, 0])
 

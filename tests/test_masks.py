@@ -74,16 +74,27 @@ def test_sigmoid_is_stable_for_large_logits():
 
 
 @pytest.mark.parametrize("threshold", [0.49, 0.5, 0.2])
-def test_mask_is_where_the_resized_probability_reaches_the_threshold(threshold):
+def test_mask_is_where_the_resized_probability_exceeds_the_threshold(threshold):
     rng = np.random.default_rng(1)
     logits = rng.normal(scale=3, size=(1024, 1024)).astype(np.float32)
     frame = ModelFrame(width=700, height=1300)
     result = logits_to_mask(logits, frame, threshold)
     probability = sigmoid(frame.logits_to_frame(logits))
     clear = np.abs(probability - threshold) > 1e-6  # leave float ties at the threshold out
-    np.testing.assert_array_equal(result.mask[clear], (probability >= threshold)[clear])
-    inside = sigmoid(logits)[sigmoid(logits) >= threshold]
+    np.testing.assert_array_equal(result.mask[clear], (probability > threshold)[clear])
+    inside = sigmoid(logits)[sigmoid(logits) > threshold]
     assert result.score == pytest.approx(float(inside.mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("width, height", [(1024, 1024), (640, 480), (4000, 3000)])
+def test_a_probability_exactly_at_the_threshold_is_out(width, height):
+    """Upstream's evaluation keeps `probability > 0.49`: a pixel exactly at the threshold is not in."""
+    at_threshold = np.float32(math.log(0.49 / 0.51))
+    logits = np.full((1024, 1024), at_threshold, np.float32)
+    logits[:100, :100] = np.nextafter(at_threshold, np.float32(1))  # one float32 step above: in
+    result = logits_to_mask(logits, ModelFrame(width, height), 0.49)
+    assert result.mask[0, 0] and not result.mask[-1, -1]
+    assert result.mask.sum() < 0.02 * width * height
 
 
 def test_empty_mask_scores_zero():

@@ -17,33 +17,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from segnext_backend.engine import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS  # noqa: E402
 from segnext_backend.engine import SegNextEngine, check_interface, feature_device  # noqa: E402
-from segnext_backend.geometry import MODEL_SIZE, ModelFrame, bilinear_resize, bilinear_resize_at_least  # noqa: E402
+from segnext_backend.geometry import MODEL_SIZE, ModelFrame, bilinear_resize, bilinear_resize_above  # noqa: E402
 from segnext_backend.masks import logits_to_mask, mask_to_rle  # noqa: E402
 
 
-@pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize(
     "in_hw, out_hw",
     [((64, 48), (300, 170)), ((64, 48), (100, 400)), ((50, 70), (20, 30)), ((1, 9), (5, 3)), ((33, 1), (7, 90))],
 )
-def test_resize_at_least_is_bit_identical_to_resize_then_compare(in_hw, out_hw, align_corners):
+def test_resize_above_is_bit_identical_to_resize_then_compare(in_hw, out_hw):
     rng = np.random.default_rng(0)
     array = rng.normal(scale=2.0, size=in_hw).astype(np.float32)
-    expected = bilinear_resize(array, *out_hw, align_corners=align_corners)
+    expected = bilinear_resize(array, *out_hw)
     for threshold in (-0.5, 0.0, float(np.median(expected)), float(expected.ravel()[7])):  # ties included
-        got = bilinear_resize_at_least(array, *out_hw, threshold, align_corners=align_corners, block_rows=16)
-        np.testing.assert_array_equal(got, expected >= np.float32(threshold))
+        got = bilinear_resize_above(array, *out_hw, threshold, block_rows=16)
+        np.testing.assert_array_equal(got, expected > np.float32(threshold))
 
 
-@pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("out_hw", [(300, 170), (100, 400), (20, 30)])
-def test_bands_skipped_far_from_the_threshold_keep_the_answer_exact(out_hw, align_corners):
+def test_bands_skipped_far_from_the_threshold_keep_the_answer_exact(out_hw):
     yy, xx = np.mgrid[0:64, 0:48].astype(np.float32)
     blob = np.maximum((10.0 - np.hypot(xx - 20, yy - 30)) / 2.0, -8.0).astype(np.float32)  # plateau at -8
-    expected = bilinear_resize(blob, *out_hw, align_corners=align_corners)
+    expected = bilinear_resize(blob, *out_hw)
     for threshold in (-8.0, float(np.nextafter(np.float32(-8), np.float32(0))), -7.9999, -0.2, 0.0, 4.9, 5.0, 6.0):
-        got = bilinear_resize_at_least(blob, *out_hw, threshold, align_corners=align_corners, block_rows=8)
-        np.testing.assert_array_equal(got, expected >= np.float32(threshold), err_msg=str(threshold))
+        got = bilinear_resize_above(blob, *out_hw, threshold, block_rows=8)
+        np.testing.assert_array_equal(got, expected > np.float32(threshold), err_msg=str(threshold))
 
 
 @settings(max_examples=40, deadline=None)
@@ -52,7 +50,7 @@ def test_frame_mask_is_exactly_the_resized_logits_over_the_threshold(width, heig
     rng = np.random.default_rng(width * 7919 + height)
     logits = rng.normal(scale=2.0, size=(MODEL_SIZE, MODEL_SIZE)).astype(np.float32)
     frame = ModelFrame(width, height)
-    np.testing.assert_array_equal(frame.logits_to_frame_at_least(logits, threshold), frame.logits_to_frame(logits) >= np.float32(threshold))
+    np.testing.assert_array_equal(frame.logits_to_frame_above(logits, threshold), frame.logits_to_frame(logits) > np.float32(threshold))
 
 
 def test_logits_to_mask_on_a_12_mp_frame_matches_the_full_float_path():
@@ -60,7 +58,7 @@ def test_logits_to_mask_on_a_12_mp_frame_matches_the_full_float_path():
     logits = (150.0 - np.hypot(xx - 500, yy - 400)) / 8.0
     frame = ModelFrame(4000, 3000)
     result = logits_to_mask(logits, frame, 0.49)
-    expected = frame.logits_to_frame(logits) >= np.float32(np.log(0.49 / 0.51))
+    expected = frame.logits_to_frame(logits) > np.float32(np.log(0.49 / 0.51))
     np.testing.assert_array_equal(result.mask, expected)
 
 

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 from segnext_backend.engine import ModelInterfaceError, SegNextEngine
 from segnext_backend.errors import RequestError
 from segnext_backend.images import abort_download
+from segnext_backend.masks import sigmoid
 from segnext_backend.preencode import PreEncoder
 from segnext_backend.segmenter import Click, InteractiveSegmenter
 
@@ -64,6 +65,25 @@ def test_evicted_prefix_is_replayed_to_the_same_mask(spy):
     prediction = starved.predict("img", clicks, 800, 600)
     np.testing.assert_array_equal(prediction.object_mask.mask, expected)
     assert prediction.timings.decoder_runs == 4
+
+
+def test_the_same_clicks_in_another_frame_size_do_not_reuse_the_state(spy):
+    """prev_mask is the probability at the frame's size resized back, so an object's state belongs to the
+    frame size Label Studio reports, not only to the model-frame clicks."""
+    scene = make_scene(2048, 2048, seed=6)
+    segmenter = segmenter_for(spy, {"img": scene})
+    # Pixel 2p of a 2048 px side and pixel p of a 1024 px side both land on model pixel p.
+    (x0, y0), (x1, y1) = (scene.inside_point(0), scene.inside_point(1))
+    big = [Click(2 * (x0 // 2) + 0.5, 2 * (y0 // 2) + 0.5), Click(2 * (x1 // 2) + 0.5, 2 * (y1 // 2) + 0.5)]
+    small = [Click(x0 // 2 + 0.5, y0 // 2 + 0.5), Click(x1 // 2 + 0.5, y1 // 2 + 0.5)]
+    segmenter.predict("img", big, 2048, 2048)
+    decodes = len(spy.decodes)
+    segmenter.predict("img", small, 1024, 1024)
+    assert len(spy.decodes) == decodes + 2  # no state of the 2048 frame was reused
+    np.testing.assert_array_equal(spy.decodes[-1]["coords"], spy.decodes[1]["coords"])  # the same model clicks
+    # In a 1024 frame the round trip is the identity: prev_mask is the sigmoid of the first click's logits.
+    np.testing.assert_allclose(spy.decodes[-1]["prev_mask"], sigmoid(spy.decodes[-2]["logits"]), rtol=0, atol=1e-7)
+    assert np.abs(spy.decodes[-1]["prev_mask"] - spy.decodes[1]["prev_mask"]).max() > 0.01
 
 
 def test_two_objects_on_one_image_keep_separate_states(spy):

@@ -77,7 +77,8 @@ def test_a_click_served_from_redis_state_gives_the_same_mask_bit_for_bit(test_mo
     np.testing.assert_array_equal(again.object_mask.mask, from_a[2].object_mask.mask)
     assert again.object_mask.score == from_a[2].object_mask.score
     # The state itself came through Redis unchanged: the logits B holds are A's, bit for bit.
-    key = ("img", b.segmenter._click_key(clicks[:3], ModelFrame(scene.width, scene.height)))
+    frame = ModelFrame(scene.width, scene.height)
+    key = ("img", (scene.width, scene.height), b.segmenter._click_key(clicks[:3], frame))
     a_logits = a.spy.decodes[2]["logits"]
     b_logits = b.segmenter.object_states.get(key)
     assert b_logits.dtype == np.float32
@@ -86,7 +87,7 @@ def test_a_click_served_from_redis_state_gives_the_same_mask_bit_for_bit(test_mo
     # The next click on B: one decoder run from A's state and the shared features, the mask A gives for it.
     fourth_b = b.predict("img", clicks, scene)
     assert len(b.spy.decodes) == 1 and b.spy.encodes == 0
-    np.testing.assert_array_equal(b.spy.decodes[0]["prev_mask"], sigmoid(a_logits))
+    np.testing.assert_array_equal(b.spy.decodes[0]["prev_mask"], frame.through_frame(a_logits, sigmoid))
     fourth_a = a.predict("img", clicks, scene)
     assert fourth_a.timings.decoder_runs == 0  # B's state for it came back through Redis
     a.segmenter.object_states.clear()

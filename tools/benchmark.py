@@ -14,7 +14,8 @@ Prints one markdown table (medians) and the machine. Each row is measured in thi
   task was opened (context null, background encode awaited, then the click), and a click whose prefix state
   was evicted (object_states cleared: the prefix is replayed, two decoder runs);
 - image fetch + decode + resize to the encoder input for a 24 MP JPEG (from the local server, uncached);
-- mask resize + threshold + brush RLE for a 12 MP frame, from smooth object-like logits;
+- mask resize + threshold + brush RLE for a 12 MP frame, from smooth object-like logits, and the next
+  click's `prev_mask` round trip (probability at 12 MP and back to 1024, never built at full size);
 - peak RSS of the process (resource.getrusage).
 
 Random weights make the timings right and the masks meaningless; nothing here judges mask quality.
@@ -177,7 +178,7 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
     from segnext_backend.device import choose_execution_providers
     from segnext_backend.engine import SegNextEngine
     from segnext_backend.geometry import ModelFrame, to_model_input
-    from segnext_backend.masks import logits_to_mask, mask_to_rle
+    from segnext_backend.masks import logits_to_mask, mask_to_rle, sigmoid
     from segnext_backend.settings import Settings
 
     encoder_path, decoder_path = ensure_models(models)
@@ -296,6 +297,8 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
     logits = smooth_logits()
     frame = ModelFrame(w12, h12)
     mask_s, _ = timed(lambda: mask_to_rle(logits_to_mask(logits, frame, 0.49).mask), runs)
+    round_trip_s, _ = timed(lambda: frame.through_frame(logits, sigmoid), runs)
+    click_path_s, _ = timed(lambda: (mask_to_rle(logits_to_mask(logits, frame, 0.49).mask), frame.through_frame(logits, sigmoid)), runs)
 
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -313,7 +316,9 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
         ("first click after task open", ms(first_click_s), f"{first_click_s / warm_click_s:.2f} x warm click", "~1"),
         ("click with evicted prefix (replay)", ms(evicted_s), f"{evicted_s / warm_click_s:.2f} x warm click", "~2 (2 decoder runs)"),
         ("fetch + decode + resize, 24 MP JPEG", ms(image_s), f"{image_s / encoder_s:.3f} x encoder", "<< 1"),
-        ("mask resize + threshold + RLE, 12 MP", ms(mask_s), f"{mask_s / decoder_s:.3f} x decoder", "<= 0.10"),
+        ("mask resize + threshold + RLE, 12 MP", ms(mask_s), f"{mask_s / decoder_s:.3f} x decoder", ""),
+        ("prev_mask round trip (to 12 MP and back, sigmoid)", ms(round_trip_s), f"{round_trip_s / decoder_s:.3f} x decoder", ""),
+        ("  both: what a click adds to the decoder run", ms(click_path_s), f"{click_path_s / decoder_s:.3f} x decoder", "<= 0.10"),
         ("features from the on-disk float16 cache (optional)", ms(disk_read_s), f"{disk_read_s / encoder_s:.4f} x encoder", ""),
         ("  float16 features: max abs logit diff / pixels agreeing", f"{fp16_logit_diff:.2e}", f"{fp16_mask_agree:.5f}", ""),
         ("brush RLE of the warm click's answer", f"{statistics.median(rle_bytes):,.0f} values", "", ""),

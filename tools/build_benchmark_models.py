@@ -3,7 +3,7 @@
     python -m tools.build_benchmark_models OUT_DIR [--shallow] [--seed N] [--benchmark]
 
 Writes OUT_DIR/encoder.onnx and OUT_DIR/decoder.onnx with the same names, shapes and dtypes as the
-published pair (see /work/shared/segnext.md): opset 17, float32, weights inside the .onnx files, the
+published pair (see docs/segnext.md): opset 17, float32, weights inside the .onnx files, the
 click count `num_points` the only dynamic axis.  --shallow builds the cheap test variant (2 encoder blocks,
 1 fusion block).  --benchmark then times both models with ONNX Runtime on the CPU.
 """
@@ -103,7 +103,7 @@ def export_models(model: SegNextModel, out_dir: Path) -> tuple[Path, Path]:
 
 
 def report_param_counts(model: SegNextModel) -> bool:
-    """Print parameters per part next to segnext.md's figures; True when all are within 1 %."""
+    """Print parameters per part next to docs/segnext.md's figures; True when all are within 1 %."""
     ok = True
     print(f"{'part':<18}{'params':>14}{'M':>9}{'segnext.md':>12}{'diff':>9}")
     for part, n in model.param_counts().items():
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SegNextConfig.shallow() if args.shallow else SegNextConfig()
     model = SegNextModel(cfg, seed=args.seed)
     if not report_param_counts(model) and not args.shallow:
-        print("error: parameter counts differ from segnext.md by more than 1 %", file=sys.stderr)
+        print("error: parameter counts differ from docs/segnext.md by more than 1 %", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
     enc_path, dec_path = export_models(model, args.out_dir)

@@ -2,9 +2,9 @@
 
 The real checkpoint (`vitb_sa2_cocolvis_hq44k_epoch_0.pth`) cannot be downloaded here, but timing the
 backend needs models of the true size and shape.  This module reproduces the architecture described in
-/work/shared/segnext.md.  Attribute names follow the official state-dict keys (`backbone.blocks.3.attn.qkv`,
-`neck.down_4.0`, `head.convs.2.conv`, ...) so that a later step can `load_state_dict` the real weights into
-`SegNextModel` (or into either wrapper, whose own keys are a subset of the checkpoint's).
+docs/segnext.md.  Attribute names follow the official state-dict keys (`backbone.blocks.3.attn.qkv`,
+`neck.down_4.0`, `head.convs.2.conv`, ...), so that upstream's checkpoints load into `SegNextModel` with
+`strict=True` (tools/convert_checkpoint.py does that).
 
 Two export wrappers mirror the public ONNX pair:
   SegNextEncoder: image 1x3x1024x1024 in [0, 1]              -> image_feats 1x768x64x64   (once per image)
@@ -27,7 +27,7 @@ from torch import nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Parameter counts per part stated in segnext.md (millions), used to check that the architecture is right.
+# Parameter counts per part stated in docs/segnext.md (millions), used to check that the architecture is right.
 EXPECTED_PARAMS_M = {
     "backbone": 88.79,
     "fusion": 14.18,
@@ -202,7 +202,7 @@ class SimpleFPN(nn.Module):
     """ViTDet/SimpleClick-style neck: one 64x64 map -> strides 4, 8, 16, 32.
 
     GroupNorm with a single group everywhere.  The Sequential layouts (and hence the parameter indices in
-    the state dict) are exactly those listed in segnext.md, so GELU/GroupNorm positions matter.
+    the state dict) are exactly those listed in docs/segnext.md, so GELU/GroupNorm positions matter.
     """
 
     def __init__(self, in_dim: int, out_dims: tuple[int, int, int, int]):
