@@ -14,6 +14,7 @@ stops the process with a message that says why, before it listens.
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import logging
 import sys
@@ -116,9 +117,12 @@ def __getattr__(name: str):
 def health_check(settings: Settings) -> int:
     import requests
 
-    auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
+    headers = {}
+    if settings.basic_auth_user:  # sent as UTF-8: requests' own auth= would send a non-ASCII password as Latin-1
+        credentials = f"{settings.basic_auth_user}:{settings.basic_auth_pass}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
     try:
-        response = requests.get(f"http://127.0.0.1:{settings.port}/health", auth=auth, timeout=5)
+        response = requests.get(f"http://127.0.0.1:{settings.port}/health", headers=headers, timeout=5)
     except requests.RequestException as error:
         print(f"unhealthy: {type(error).__name__}", file=sys.stderr)
         return 1

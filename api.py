@@ -10,6 +10,8 @@ with a 4xx and a JSON message naming what was wrong.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import logging
 from typing import Callable
@@ -39,6 +41,29 @@ def _project_id(body: dict) -> str | None:
     return str(project).split(".", 1)[0] if project is not None else None
 
 
+def basic_credentials_match(header: str | None, user: str, password: str) -> bool:
+    """Whether an `Authorization: Basic ...` header carries this user and password.
+
+    Compared as bytes, in UTF-8 (curl, browsers, Docker's health check here) or in Latin-1 (python-requests,
+    and so Label Studio, encodes a str password that way), so that a non-ASCII password works from both.
+    """
+    scheme, _, token = (header or "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        given = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    matches = False
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            expected = f"{user}:{password}".encode(encoding)
+        except UnicodeEncodeError:
+            continue
+        matches |= hmac.compare_digest(given, expected)
+    return matches
+
+
 def init_app(model_class, *, basic_auth: tuple[str, str] | None = None, status: Callable[[], dict]) -> Flask:
     """The Flask app serving `model_class`.
 
@@ -54,6 +79,8 @@ def init_app(model_class, *, basic_auth: tuple[str, str] | None = None, status: 
             raise RequestError(f"{label_config_key} must be a string of XML")
         try:
             return model_class(project_id=_project_id(body), label_config=label_config)
+        except RequestError:  # a config over its size limit, say: already says what is wrong
+            raise
         except Exception as error:  # label_studio_tools raises its own XML syntax error
             raise RequestError(f"the label config could not be parsed: {error}") from None
 
@@ -62,12 +89,7 @@ def init_app(model_class, *, basic_auth: tuple[str, str] | None = None, status: 
 
         @app.before_request
         def require_basic_auth():
-            given = request.authorization
-            if (
-                given is None
-                or not hmac.compare_digest((given.username or "").encode(), user.encode())
-                or not hmac.compare_digest((given.password or "").encode(), password.encode())
-            ):
+            if not basic_credentials_match(request.headers.get("Authorization"), user, password):
                 response = jsonify(error="authentication required (BASIC_AUTH_USER / BASIC_AUTH_PASS)")
                 response.status_code = 401
                 response.headers["WWW-Authenticate"] = 'Basic realm="segnext-backend"'

@@ -42,3 +42,17 @@ def on_starting(server):
     except Exception as error:  # a clear message and a non-zero exit, not a crash loop of workers
         server.log.error("cannot start: %s", error)
         sys.exit(1)
+
+
+def post_worker_init(worker):
+    # On SIGTERM a worker finishes the clicks in progress (up to graceful_timeout), but must not go on
+    # fetching and encoding the images of opened tasks meanwhile: stop that work first, then exit as gunicorn does.
+    exit_as_gunicorn_does = signal.getsignal(signal.SIGTERM)
+
+    def stop_background_work_then_exit(signum, frame):
+        model = sys.modules.get("model")  # imported by this worker's app, never by the master
+        if model is not None:
+            model.stop_background_work()
+        exit_as_gunicorn_does(signum, frame)
+
+    signal.signal(signal.SIGTERM, stop_background_work_then_exit)

@@ -27,11 +27,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from label_studio_ml.model import LabelStudioMLBase
+from label_studio_tools.core.label_config import parse_config
 
-from segnext_backend.errors import NotReadyError, RequestError
-from segnext_backend.images import ImageFetchConfig, ImageSource
+from segnext_backend.caches import LruCache
+from segnext_backend.errors import NotReadyError, RequestError, TooLargeError
+from segnext_backend.images import ImageFetchConfig, ImageSource, abort_download
+from segnext_backend.limits import check_frame_size
 from segnext_backend.masks import mask_to_rle
 from segnext_backend.model_files import file_sha256
+from segnext_backend.preencode import PreEncoder
 from segnext_backend.settings import Settings
 
 # The segmenter (and with it ONNX Runtime) is imported where it is used, not here: a server that imports this
@@ -55,6 +59,7 @@ class Runtime:
     segmenter: InteractiveSegmenter
     model_version: str
     model_sha256: dict  # role -> SHA-256 of the loaded file, for /health
+    pre_encoder: PreEncoder
 
 
 _runtime: Runtime | None = None
@@ -82,6 +87,9 @@ def build_runtime(settings: Settings, engine) -> Runtime:
             max_pixels=settings.max_image_pixels,
             connect_timeout=settings.image_connect_timeout,
             read_timeout=settings.image_read_timeout,
+            download_timeout=settings.image_download_timeout,
+            revalidate_seconds=settings.image_revalidate_seconds,
+            decode_pixel_budget=settings.decode_pixel_budget,
         )
     )
     digests = {role: file_sha256(Path(info.path)) for role, info in engine.files.items()}
@@ -100,7 +108,7 @@ def build_runtime(settings: Settings, engine) -> Runtime:
             logger.info("sharing features and click states through Redis at %s", shared_store.url)
     segmenter = InteractiveSegmenter(
         engine,
-        # The segmenter's image key is an ImageRef: the image source knows how to fetch it.
+        # The segmenter's image key is an ImageVersion (a content digest): the image source knows its bytes.
         load_image=image_source.load,
         mask_threshold=settings.mask_threshold,
         feature_cache_bytes=settings.feature_cache_bytes,
@@ -109,10 +117,19 @@ def build_runtime(settings: Settings, engine) -> Runtime:
         feature_disk_cache_dir=settings.feature_disk_cache_dir or None,
         feature_disk_cache_bytes=settings.feature_disk_cache_bytes,
         shared_store=shared_store,
+        max_decoder_runs=settings.max_decoder_runs_per_request,
+    )
+    pre_encoder = PreEncoder(
+        lambda ref: segmenter.encoded_image(image_source.current(ref)), settings.preencode_queue_length, abort_download
     )
     version = DEMO_VERSION if engine.is_test_model else SEGNEXT_VERSION
     return Runtime(
-        settings=settings, image_source=image_source, segmenter=segmenter, model_version=version, model_sha256=digests
+        settings=settings,
+        image_source=image_source,
+        segmenter=segmenter,
+        model_version=version,
+        model_sha256=digests,
+        pre_encoder=pre_encoder,
     )
 
 
@@ -120,10 +137,16 @@ def set_runtime(runtime: Runtime | None) -> None:
     global _runtime, _load
     with _load_lock:
         if _runtime is not None and _runtime is not runtime:
-            _runtime.segmenter.shutdown()
+            _runtime.pre_encoder.stop()
         _runtime = runtime
         if runtime is None:
             _load = None  # the next request that needs the models loads them again
+
+
+def stop_background_work() -> None:
+    """On SIGTERM: no more background fetches or encodes (the clicks in progress still finish)."""
+    if _runtime is not None:
+        _runtime.pre_encoder.stop()
 
 
 def get_runtime() -> Runtime:
@@ -227,6 +250,22 @@ def runtime_status() -> dict:
 
 # -- the label config ---------------------------------------------------------------------------------------
 
+# Parsed configs by SHA-256 of their text: every click of a project carries the same config. Bounded by the
+# bytes of the config texts (the parsed form is a few times larger).
+_parsed_configs: LruCache[str, tuple[int, dict]] = LruCache(8 * 1024 * 1024, lambda entry: entry[0])
+
+
+def parsed_label_config(label_config: str | None) -> dict:
+    """The parsed label config (shared between requests: read it, never change it)."""
+    if not label_config:
+        return {}
+    limit = _runtime.settings.max_label_config_bytes if _runtime else Settings().max_label_config_bytes
+    text = label_config.encode("utf-8", "surrogatepass")
+    if len(text) > limit:
+        raise TooLargeError(f"the label config is {len(text)} bytes, over the limit of {limit} (MAX_LABEL_CONFIG_BYTES)")
+    digest = hashlib.sha256(text).hexdigest()
+    return _parsed_configs.get_or_compute(digest, lambda: (len(text), parse_config(label_config)))[1]
+
 
 # The controls a click can be answered in: kind (REGION_CONTROL_ORDER's name) -> control tag, region type.
 REGION_CONTROLS = {
@@ -319,10 +358,14 @@ class ObjectClicks:
 
 def _number(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"{what} must be a number, got {value!r}")
-    if not math.isfinite(value):
+        raise RequestError(f"{what} must be a number, got {str(value)[:40]!r}")
+    try:
+        number = float(value)  # an int beyond float's range (10**400) raises here
+    except OverflowError:
+        raise RequestError(f"{what} must be a finite number, got one of {len(str(value))} digits") from None
+    if not math.isfinite(number):
         raise RequestError(f"{what} must be a finite number, got {value!r}")
-    return float(value)
+    return number
 
 
 def _size(value, what: str) -> int:
@@ -383,6 +426,11 @@ def clicks_from_context(context: dict) -> ObjectClicks:
 class SegNextBackend(LabelStudioMLBase):
     """SegNext interactive segmentation: smart keypoints in, brush, polygon or rectangle regions out."""
 
+    def __init__(self, label_config=None, **kwargs):
+        super().__init__(label_config=None, **kwargs)  # parsed below: bounded, and once per distinct config
+        self.label_config = label_config
+        self.parsed_label_config = parsed_label_config(label_config)
+
     @property
     def model_version(self) -> str:
         return _runtime.model_version if _runtime else SEGNEXT_VERSION
@@ -401,6 +449,11 @@ class SegNextBackend(LabelStudioMLBase):
             raise RequestError("the request has no tasks")
         if not all(isinstance(task, dict) for task in tasks):
             raise RequestError("every task must be an object")
+        if len(tasks) > runtime.settings.max_tasks_per_request:
+            raise TooLargeError(
+                f"the request carries {len(tasks)} tasks, over the limit of {runtime.settings.max_tasks_per_request} "
+                "(MAX_TASKS_PER_REQUEST)"
+            )
         require_interactive_config(self.parsed_label_config, runtime.settings.region_control_order)
 
         if not context or not context.get("result"):
@@ -417,8 +470,10 @@ class SegNextBackend(LabelStudioMLBase):
             raise RequestError(f"an interactive request must carry one task, got {len(tasks)}")
         task = tasks[0]
         obj = clicks_from_context(context)
+        check_frame_size(obj.original_width, obj.original_height, runtime.settings.max_image_pixels)
         target = image_target(self.parsed_label_config, obj.to_name, obj.label, runtime.settings.region_control_order)
-        image_key = runtime.image_source.locate(self._image_ref(task, target.data_field), task.get("id"))
+        image_ref = runtime.image_source.locate(self._image_ref(task, target.data_field), task.get("id"))
+        image_key = runtime.image_source.current(image_ref)
         prediction = runtime.segmenter.predict(image_key, obj.clicks, obj.original_width, obj.original_height)
         logger.info(
             "task %s: %d click(s) on %dx%d image, features %s (encoder %.0f ms), %d decoder run(s) %.0f ms, "
@@ -452,11 +507,11 @@ class SegNextBackend(LabelStudioMLBase):
                 if source.get("type") != "Image":
                     continue
                 try:
-                    image_key = runtime.image_source.locate(self._image_ref(task, source.get("value")), task.get("id"))
+                    image_ref = runtime.image_source.locate(self._image_ref(task, source.get("value")), task.get("id"))
                 except RequestError as error:
-                    logger.info("task %s: not pre-encoding its image: %s", task.get("id"), error)
+                    logger.info("task %s: not pre-encoding its image: %s", str(task.get("id"))[:40], error)
                     continue
-                runtime.segmenter.encode_in_background(image_key)
+                runtime.pre_encoder.submit(image_ref)
                 return
 
     def _answer(self, runtime: Runtime, obj: ObjectClicks, target: ImageTarget, object_mask) -> dict:

@@ -17,8 +17,14 @@ class ImageUnavailableError(RequestError):
     http_status = 422
 
 
-class ImageTooLargeError(RequestError):
+class TooLargeError(RequestError):
+    """Something in the request is over a size limit (the message names the setting that raises it)."""
+
     http_status = 413
+
+
+class ImageTooLargeError(TooLargeError):
+    pass
 
 
 class NotReadyError(RequestError):

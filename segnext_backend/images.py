@@ -14,8 +14,17 @@ Where an image is (`ImageSource.locate`):
   since the proxy makes the connection.
 
 How: the Label Studio key goes to the Label Studio host only (redirects are followed by hand, and never
-with the key to another host); downloads have time-outs and a byte limit and are kept in a byte-bounded
-cache; images over a pixel limit are refused from their header, before decoding. The EXIF orientation is
+with the key to another host); downloads have time-outs (per connection, per read, and a total deadline that
+a server trickling bytes cannot stretch) and a byte limit; images over a pixel limit are refused from their
+header, before decoding, and decodes share a pixel budget so that several large images at once cannot
+exhaust memory.
+
+Which content (`ImageSource.current`): an image is identified by the SHA-256 of its bytes (`ImageVersion`),
+and features and click states are keyed by that, never by the place alone. What is at a place (URL, local
+path, cloud URI and task) is trusted for `revalidate_seconds` after it was last checked; the next use after
+that asks again: a conditional GET with the ETag / Last-Modified the host gave (a 304 costs no download), a
+full GET where it gave neither (the digest decides), a `stat` for a local file. So new content at the same
+place is answered with the old content's mask for at most `revalidate_seconds` (IMAGE_REVALIDATE_SECONDS). The EXIF orientation is
 applied, because the browser shows the image rotated and the clicks are in that frame; every mode (L, LA,
 P, RGBA, I;16, CMYK, ...) becomes 8-bit RGB.
 """
@@ -23,14 +32,16 @@ P, RGBA, I;16, CMYK, ...) becomes 8-bit RGB.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
-import ipaddress
 import json
 import logging
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit
 
@@ -41,8 +52,11 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from .addresses import is_public
+from .budgets import PixelBudget
 from .caches import LruCache
 from .errors import ImageTooLargeError, ImageUnavailableError, RequestError
+from .settings import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +79,12 @@ class ImageFetchConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
     download_cache_bytes: int = 256 * 1024 * 1024
+    # A whole download (every redirect, retry and read) ends after this many seconds.
+    download_timeout: float = 120.0
+    # What is at a place is trusted this long after it was checked (see the module's docstring).
+    revalidate_seconds: float = 60.0
+    # Pixels decoded (and held as RGB until encoded) at once, over all requests.
+    decode_pixel_budget: int = 100_000_000
     # Decode JPEGs at a reduced size (Pillow's draft: DCT scaling by 1/2, 1/4 or 1/8, never below 1024 px):
     # several times faster for large photos, but the encoder then sees another input than upstream's.
     fast_jpeg_decode: bool = False
@@ -72,24 +92,124 @@ class ImageFetchConfig:
 
 @dataclass(frozen=True)
 class ImageRef:
-    """Where one image is. Equal refs are the same image: this is its key in the feature cache.
+    """Where one image is. Equal refs are the same place; what is there now is `ImageSource.current`.
 
     kind "url": an http(s) URL; "local": a path under LOCAL_FILES_DOCUMENT_ROOT; "cloud": a storage URI,
-    fetched through the presign endpoint of `task_id` (any task that holds the URI will do, so the task is
-    not part of the image's identity).
+    fetched through the presign endpoint of `task_id`. The task is part of a cloud ref's identity: Label
+    Studio resolves the URI with the storages of the task's project, so another task (another project) may
+    get other bytes for the same URI, and they must never be taken for this task's.
     """
 
     kind: str
     location: str
-    task_id: int | None = field(default=None, compare=False)
+    task_id: int | None = None
 
     def __str__(self) -> str:
-        return self.location
+        return redact_url(self.location)
 
 
-def _is_public(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%")[0])  # an IPv6 address may carry a %zone
-    return ip.is_global and not ip.is_multicast
+@dataclass(frozen=True)
+class ImageVersion:
+    """One content of an image: the key of its features and click states. Equal digests are equal images,
+    wherever they were fetched from (`ref` is the place it was last seen at, for fetching it again)."""
+
+    sha256: str
+    ref: ImageRef = field(compare=False)
+
+    def __str__(self) -> str:
+        return f"sha256:{self.sha256}"
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What was found at a place, when (time.monotonic()), and how to ask the host whether it changed."""
+
+    version: ImageVersion
+    validators: dict
+    checked_at: float
+
+
+_MAX_PLACES_REMEMBERED = 100_000  # place -> content entries (~300 bytes each)
+
+
+def task_id_for_presign(task_id) -> int:
+    """The task id as it may go into the presign URL: a positive whole number, nothing else."""
+    if isinstance(task_id, str) and task_id.isascii() and task_id.isdigit():
+        task_id = int(task_id)
+    if isinstance(task_id, bool) or not isinstance(task_id, int) or not 1 <= task_id < 2**63:
+        raise RequestError(f"the task id must be a positive whole number, got {str(task_id)[:40]!r}")
+    return task_id
+
+
+def host_of(url: str) -> str:
+    """host[:port] of a URL for messages and logs: never the user and password a URL may carry."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return f"{host}:{port}" if port else host
+
+
+class _Deadline:
+    """The total time limit of one download. A read time-out bounds each wait for data, so a server that
+    sends a byte just before each one expires is never timed out; at this deadline every socket the download
+    opened is shut down, which ends a blocked read at once. Sockets register themselves through the
+    connection classes below, for the thread that runs the download."""
+
+    _running: dict[int, "_Deadline"] = {}  # thread ident -> the deadline of the download it runs
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False
+        self.aborted = False  # ended by abort_download, not by the clock
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Deadline":
+        _Deadline._running[threading.get_ident()] = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+        _Deadline._running.pop(threading.get_ident(), None)
+
+    @classmethod
+    def track(cls, sock: socket.socket) -> None:
+        deadline = cls._running.get(threading.get_ident())
+        if deadline is None:
+            return
+        with deadline._lock:
+            deadline._sockets.append(sock)
+            if deadline.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+
+def abort_download(thread: threading.Thread) -> None:
+    """End the download that `thread` runs now, if any, as if its deadline had passed."""
+    deadline = _Deadline._running.get(thread.ident)
+    if deadline is not None:
+        deadline.aborted = True
+        deadline._expire()
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed
 
 
 def _non_public_host_refused(host: str, address: str) -> RequestError:
@@ -99,39 +219,60 @@ def _non_public_host_refused(host: str, address: str) -> RequestError:
     )
 
 
-class _PublicPeerOnly:
+class _DeadlineTracked:
+    """A urllib3 connection whose socket the running download's deadline can shut down."""
+
+    def _new_conn(self):
+        sock = super()._new_conn()
+        _Deadline.track(sock)
+        return sock
+
+
+class _PublicPeerOnly(_DeadlineTracked):
     """A urllib3 connection that refuses to go on when its socket reached a non-public address."""
 
     def _new_conn(self):
         sock = super()._new_conn()
         address = sock.getpeername()[0]
-        if not _is_public(address):
+        if not is_public(address):
             sock.close()
             # Not an OSError: urllib3 would take it for a network failure and retry it.
             raise _non_public_host_refused(self.host, address)
         return sock
 
 
-class _PublicHTTPConnectionPool(HTTPConnectionPool):
-    ConnectionCls = type("PublicHTTPConnection", (_PublicPeerOnly, HTTPConnection), {})
+def _pool(base, connection_mixin, name: str):
+    return type(name, (base,), {"ConnectionCls": type(name + "Connection", (connection_mixin, base.ConnectionCls), {})})
 
 
-class _PublicHTTPSConnectionPool(HTTPSConnectionPool):
-    ConnectionCls = type("PublicHTTPSConnection", (_PublicPeerOnly, HTTPSConnection), {})
+_POOLS = {
+    True: {
+        "http": _pool(HTTPConnectionPool, _PublicPeerOnly, "PublicHTTP"),
+        "https": _pool(HTTPSConnectionPool, _PublicPeerOnly, "PublicHTTPS"),
+    },
+    False: {
+        "http": _pool(HTTPConnectionPool, _DeadlineTracked, "TrackedHTTP"),
+        "https": _pool(HTTPSConnectionPool, _DeadlineTracked, "TrackedHTTPS"),
+    },
+}
 
 
-class _PublicAddressesOnly(HTTPAdapter):
+class _CheckedAdapter(HTTPAdapter):
+    def __init__(self, public_only: bool):
+        self.public_only = public_only
+        super().__init__()
+
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _PublicHTTPConnectionPool, "https": _PublicHTTPSConnectionPool}
+        self.poolmanager.pool_classes_by_scheme = dict(_POOLS[self.public_only])
 
 
 def _get_streamed(url: str, headers: dict, timeout: tuple[float, float], public_only: bool) -> requests.Response:
-    """`requests.get`, streamed and without redirects; with `public_only`, only public addresses are reached."""
+    """`requests.get`, streamed and without redirects, its sockets under the download's deadline; with
+    `public_only`, only public addresses are reached."""
     with requests.Session() as session:
-        if public_only:
-            session.mount("http://", _PublicAddressesOnly())
-            session.mount("https://", _PublicAddressesOnly())
+        session.mount("http://", _CheckedAdapter(public_only))
+        session.mount("https://", _CheckedAdapter(public_only))
         return session.get(url, headers=headers, timeout=timeout, stream=True, allow_redirects=False)
 
 
@@ -188,13 +329,22 @@ class LabelStudioAuth:
             return {"Authorization": f"Bearer {self._access}"}
 
     def _refresh_locked(self) -> None:
-        host = urlsplit(self.label_studio_url).netloc
+        host = host_of(self.label_studio_url)
         try:
+            # Never redirected: a 307/308 would re-post the refresh token to wherever it points.
             response = requests.post(
-                self.label_studio_url + "/api/token/refresh/", json={"refresh": self.api_key}, timeout=self.timeout
+                self.label_studio_url + "/api/token/refresh/",
+                json={"refresh": self.api_key},
+                timeout=self.timeout,
+                allow_redirects=False,
             )
         except requests.RequestException as error:
             raise ImageUnavailableError(f"exchanging the personal access token at {host} failed: {type(error).__name__}") from None
+        if response.is_redirect:
+            raise ImageUnavailableError(
+                f"Label Studio at {host} answered the token refresh with a redirect (HTTP {response.status_code}), "
+                "which is not followed with the token: set LABEL_STUDIO_URL to the address Label Studio is served at"
+            )
         if response.status_code != 200:
             raise ImageUnavailableError(
                 f"Label Studio at {host} refused the personal access token (HTTP {response.status_code}): "
@@ -215,7 +365,14 @@ class ImageSource:
         self.config = config
         self.timeout = (config.connect_timeout, config.read_timeout)
         self.auth = LabelStudioAuth(config.label_studio_url, config.label_studio_api_key, self.timeout)
-        self.downloads: LruCache[ImageRef, bytes] = LruCache(config.download_cache_bytes, len)
+        self.downloads: LruCache[str, bytes] = LruCache(config.download_cache_bytes, len)  # by SHA-256
+        self.decode_budget = PixelBudget(config.decode_pixel_budget)
+        self._checked: OrderedDict[ImageRef, _Checked] = OrderedDict()  # place -> content, least recent first
+        self._checking: dict[ImageRef, Future] = {}
+        self._lock = threading.Lock()
+        # Bytes just fetched that the download cache could not keep (over its budget), for the same thread's
+        # decode that follows: so that even without a download cache an image is fetched once per encode.
+        self._unkept = threading.local()
 
     # -- where ---------------------------------------------------------------------------------------------
 
@@ -229,7 +386,7 @@ class ImageSource:
             self._require_label_studio(image_ref)
             if task_id is None:
                 raise RequestError(f"the cloud storage URI {image_ref!r} needs its task's id to be presigned")
-            return ImageRef("cloud", image_ref, task_id)
+            return ImageRef("cloud", image_ref, task_id_for_presign(task_id))
         if scheme in ("http", "https"):
             return self._http_or_local(image_ref)
         if scheme:
@@ -277,44 +434,132 @@ class ImageSource:
         except (socket.gaierror, UnicodeError):
             raise ImageUnavailableError(f"the image host {host!r} could not be resolved") from None
         for address in sorted(addresses):
-            if not _is_public(address):
+            if not is_public(address):
                 raise _non_public_host_refused(host, address)
 
     def _public_only(self, url: str) -> bool:
         return not (self.config.allow_private_hosts or self._is_label_studio(url))
 
-    # -- fetch ---------------------------------------------------------------------------------------------
+    # -- which content, and fetch -------------------------------------------------------------------------
+
+    def current(self, ref: ImageRef) -> ImageVersion:
+        """The content at `ref` now: remembered for `revalidate_seconds` after it was checked, then checked
+        again (one request at a time per place: the others wait for its answer)."""
+        self._unkept.data = None
+        with self._lock:
+            known = self._checked.get(ref)
+            if known is not None and time.monotonic() - known.checked_at < self.config.revalidate_seconds:
+                self._checked.move_to_end(ref)
+                return known.version
+            future = self._checking.get(ref)
+            owner = future is None
+            if owner:
+                future = self._checking[ref] = Future()
+        if not owner:
+            return future.result()
+        try:
+            version = self._check(ref, known)
+        except BaseException as error:
+            with self._lock:
+                del self._checking[ref]
+            future.set_exception(error)
+            raise
+        with self._lock:
+            del self._checking[ref]
+        future.set_result(version)
+        return version
+
+    def _check(self, ref: ImageRef, known: _Checked | None) -> ImageVersion:
+        started = time.monotonic()
+        data, validators = self._fetch_uncached(ref, known.validators if known else {})
+        if data is None:  # not modified since it was checked
+            checked = replace(known, checked_at=started)
+        else:
+            version = ImageVersion(hashlib.sha256(data).hexdigest(), ref)
+            self.downloads.put(version.sha256, data)
+            if version.sha256 not in self.downloads:
+                self._unkept.data = (version.sha256, data)
+            checked = _Checked(version, validators, started)
+            if known is not None and known.version != version:
+                logger.info("the image at %s changed: its new content is %s", ref, version)
+        with self._lock:
+            self._checked[ref] = checked
+            self._checked.move_to_end(ref)
+            while len(self._checked) > _MAX_PLACES_REMEMBERED:
+                self._checked.popitem(last=False)
+        return checked.version
+
+    def bytes_of(self, version: ImageVersion) -> bytes:
+        """The bytes of this content: from the download cache, or fetched again from where it was seen."""
+
+        def fetch_again() -> bytes:
+            unkept, self._unkept.data = getattr(self._unkept, "data", None), None
+            if unkept is not None and unkept[0] == version.sha256:
+                return unkept[1]
+            data, _ = self._fetch_uncached(version.ref, {})
+            if hashlib.sha256(data).hexdigest() != version.sha256:
+                with self._lock:
+                    self._checked.pop(version.ref, None)  # the next use looks again
+                raise ImageUnavailableError(f"the image at {version.ref} changed while it was being read: click again")
+            return data
+
+        return self.downloads.get_or_compute(version.sha256, fetch_again)
 
     def fetch(self, ref: ImageRef) -> bytes:
-        """The image's bytes (from the download cache when it has them)."""
-        return self.downloads.get_or_compute(ref, lambda: self._fetch_uncached(ref))
+        """The bytes at `ref` now (see `current`)."""
+        return self.bytes_of(self.current(ref))
 
-    def _fetch_uncached(self, ref: ImageRef) -> bytes:
+    def _fetch_uncached(self, ref: ImageRef, validators: dict) -> tuple[bytes | None, dict]:
+        """(bytes, validators to ask later whether they changed); (None, validators) when `validators` show
+        that nothing changed."""
         if ref.kind == "local":
-            return self._read_local(Path(ref.location))
+            return self._read_local(Path(ref.location), validators)
         if ref.kind == "cloud":
             fileuri = base64.urlsafe_b64encode(ref.location.encode()).decode()
-            url = f"{self.config.label_studio_url}/tasks/{ref.task_id}/presign/?fileuri={quote(fileuri)}"
-            return self._get(url)
-        return self._get(ref.location)
+            task_id = task_id_for_presign(ref.task_id)  # a ref built by hand gets the same check as locate's
+            url = f"{self.config.label_studio_url}/tasks/{task_id}/presign/?fileuri={quote(fileuri)}"
+            return self._get(url, validators)
+        return self._get(ref.location, validators)
 
-    def _read_local(self, path: Path) -> bytes:
+    def _read_local(self, path: Path, validators: dict) -> tuple[bytes | None, dict]:
         try:
-            size = path.stat().st_size
-            if size > self.config.max_bytes:
-                raise ImageTooLargeError(f"the local file is {size} bytes, over the limit of {self.config.max_bytes} (MAX_IMAGE_BYTES)")
-            return path.read_bytes()
+            stat = path.stat()
+            now = {"stat": (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)}
+            if validators and validators == now:
+                return None, validators
+            if stat.st_size > self.config.max_bytes:
+                raise ImageTooLargeError(f"the local file is {stat.st_size} bytes, over the limit of {self.config.max_bytes} (MAX_IMAGE_BYTES)")
+            return path.read_bytes(), now
         except FileNotFoundError:
             raise ImageUnavailableError(f"the local file {path.name!r} does not exist under LOCAL_FILES_DOCUMENT_ROOT") from None
         except (IsADirectoryError, PermissionError) as error:
             raise ImageUnavailableError(f"the local file {path.name!r} cannot be read: {type(error).__name__}") from None
 
-    def _get(self, url: str) -> bytes:
+    def _get(self, url: str, validators: dict) -> tuple[bytes | None, dict]:
+        """GET under the total deadline (IMAGE_DOWNLOAD_TIMEOUT), conditional when there are validators."""
+        with _Deadline(self.config.download_timeout) as deadline:
+            try:
+                result = self._get_following_redirects(url, validators)
+            except (RequestError, requests.RequestException, OSError):
+                if not deadline.expired:
+                    raise
+            else:  # a connection shut at the deadline may also read as a short, complete-looking answer
+                if not deadline.expired:
+                    return result
+        if deadline.aborted:
+            raise ImageUnavailableError(f"fetching the image from {host_of(url)} was stopped: the process is stopping")
+        raise ImageUnavailableError(
+            f"fetching the image from {host_of(url)} took longer than {self.config.download_timeout:g} s "
+            "(IMAGE_DOWNLOAD_TIMEOUT)"
+        )
+
+    def _get_following_redirects(self, url: str, validators: dict) -> tuple[bytes | None, dict]:
         """GET with redirects followed by hand: the key goes to Label Studio only, every hop is checked."""
+        conditional = {name: value for name, value in validators.items() if name in ("If-None-Match", "If-Modified-Since")}
         for _ in range(_MAX_REDIRECTS + 1):
             self._check_host_allowed(url)
             to_label_studio = self._is_label_studio(url)
-            response = self._request(url, to_label_studio)
+            response = self._request(url, to_label_studio, conditional)
             if response.is_redirect:
                 location = response.headers.get("Location", "")
                 response.close()
@@ -323,21 +568,25 @@ class ImageSource:
                     raise RequestError(f"the image redirect leads to an unsupported scheme: {urlsplit(url).scheme!r}")
                 continue
             with response:
-                return self._read_body(response, to_label_studio)
+                if response.status_code == 304 and conditional:
+                    return None, validators
+                data = self._read_body(response, to_label_studio)
+                found = {"If-None-Match": response.headers.get("ETag"), "If-Modified-Since": response.headers.get("Last-Modified")}
+                return data, {name: value for name, value in found.items() if value}
         raise ImageUnavailableError(f"fetching the image took more than {_MAX_REDIRECTS} redirects")
 
-    def _request(self, url: str, to_label_studio: bool) -> requests.Response:
+    def _request(self, url: str, to_label_studio: bool, conditional: dict) -> requests.Response:
         """One GET, retried once after a refused connection or a 5xx (a restarting Label Studio, a busy
         proxy); a time-out is not retried, since waiting twice as long helps nobody."""
-        host = urlsplit(url).netloc
+        host = host_of(url)
         public_only = self._public_only(url)
         for attempt in (1, 2):
             try:
-                headers = self.auth.header() if to_label_studio else {}
+                headers = {**conditional, **(self.auth.header() if to_label_studio else {})}
                 response = _get_streamed(url, headers, self.timeout, public_only)
                 if response.status_code == 401 and to_label_studio and self.auth.is_personal_access_token:
                     response.close()  # the access token may have expired early: refresh once and retry
-                    headers = self.auth.header(force_refresh=True)
+                    headers = {**conditional, **self.auth.header(force_refresh=True)}
                     response = _get_streamed(url, headers, self.timeout, public_only)
             except requests.Timeout:
                 raise ImageUnavailableError(f"fetching the image from {host} timed out") from None
@@ -356,7 +605,7 @@ class ImageSource:
         raise AssertionError("unreachable")
 
     def _read_body(self, response: requests.Response, to_label_studio: bool) -> bytes:
-        host = urlsplit(response.url).netloc
+        host = host_of(response.url)
         if response.status_code != 200:
             hint = " (check LABEL_STUDIO_API_KEY)" if response.status_code in (401, 403) and to_label_studio else ""
             raise ImageUnavailableError(f"fetching the image from {host} failed: HTTP {response.status_code}{hint}")
@@ -380,7 +629,10 @@ class ImageSource:
     # -- decode --------------------------------------------------------------------------------------------
 
     def decode(self, data: bytes) -> np.ndarray:
-        """Image bytes -> HxWx3 uint8 RGB, EXIF orientation applied."""
+        """Image bytes -> HxWx3 uint8 RGB, EXIF orientation applied.
+
+        Its pixels are taken from the decode budget before decoding and given back when the returned array
+        is freed (after the encoder has read it): large decodes wait for each other instead of adding up."""
         try:
             image = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError:
@@ -398,14 +650,23 @@ class ImageSource:
         if self.config.fast_jpeg_decode and image.format == "JPEG":
             # Only the features depend on these pixels: the mask follows the frame Label Studio reports.
             image.draft("RGB", (_DRAFT_MIN_SIZE, _DRAFT_MIN_SIZE))
+        taken = self.decode_budget.acquire(width * height)
         try:
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+            rgb = to_rgb(ImageOps.exif_transpose(image))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            self.decode_budget.release(taken)
             raise ImageUnavailableError(f"the image could not be decoded: {error}") from None
+        except BaseException:
+            self.decode_budget.release(taken)
+            raise
+        self.decode_budget.release_when_freed(rgb, taken)
+        return rgb
 
-    def load(self, ref: ImageRef) -> np.ndarray:
-        return self.decode(self.fetch(ref))
+    def load(self, image: ImageVersion | ImageRef) -> np.ndarray:
+        """The RGB pixels of a content (or of what is at a place now)."""
+        if isinstance(image, ImageRef):
+            image = self.current(image)
+        return self.decode(self.bytes_of(image))
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:

@@ -22,7 +22,6 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,6 +36,10 @@ from .geometry import MODEL_SIZE, ModelFrame, to_model_input
 from .masks import ObjectMask, logits_to_mask, sigmoid
 
 logger = logging.getLogger(__name__)
+
+# A replay keeps the states of its last few click prefixes only (what the next click, or an undo and a new
+# click, will ask for): a long replay does not push every other annotator's states out of the cache.
+REPLAY_STATES_KEPT = 4
 
 ClickKey = tuple[tuple[int, int, int], ...]  # ((x, y, label), ...) in the model frame, label 1 or 0
 
@@ -92,6 +95,7 @@ class InteractiveSegmenter:
         feature_disk_cache_dir: str | os.PathLike | None = None,
         feature_disk_cache_bytes: int = 4 * 1024 * 1024 * 1024,
         shared_store=None,
+        max_decoder_runs: int = 100,
     ):
         """`load_image(image_key)` returns the image's HxWx3 uint8 RGB pixels (fetching is its business).
 
@@ -109,6 +113,7 @@ class InteractiveSegmenter:
         self.load_image = load_image
         self.mask_threshold = mask_threshold
         self.max_clicks = max_clicks
+        self.max_decoder_runs = max_decoder_runs
         self.feature_cache: LruCache[str, EncodedImage] = LruCache(feature_cache_bytes, lambda e: FEATURE_BYTES)
         # (image key, (frame width, frame height), clicks) -> the decoder's logits after those clicks
         self.object_states: LruCache[tuple[str, tuple[int, int], ClickKey], np.ndarray] = LruCache(
@@ -120,9 +125,11 @@ class InteractiveSegmenter:
         self.disk_cache_hits = 0
         self._disk_hits_lock = threading.Lock()
         if self.feature_disk_cache_dir is not None:
-            self.feature_disk_cache_dir.mkdir(parents=True, exist_ok=True)
-        # One background encoder at a time: the encoder is the heaviest thing the process runs.
-        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pre-encode")
+            try:
+                self.feature_disk_cache_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as error:  # the cache costs only itself: without its folder, it is off
+                logger.warning("feature disk cache off: cannot create %s: %s", self.feature_disk_cache_dir, error)
+                self.feature_disk_cache_dir = None
 
     # -- images -------------------------------------------------------------------------------------------
 
@@ -148,7 +155,10 @@ class InteractiveSegmenter:
             if timings is not None:
                 timings.encoder_ms = (time.perf_counter() - started) * 1000
             encoded = EncodedImage(key=image_key, features=features, width=rgb.shape[1], height=rgb.shape[0])
-            self._write_disk_features(encoded)
+            try:
+                self._write_disk_features(encoded)
+            except OSError as error:  # a read-only, full or foreign folder costs the cache, never the click
+                logger.warning("feature disk cache: %s", error)
             return encoded
 
         return self.feature_cache.get_or_compute(image_key, encode)
@@ -216,7 +226,7 @@ class InteractiveSegmenter:
             os.replace(tmp, path)
         except OSError as error:  # a full or read-only disk costs the cache, not the click
             logger.warning("could not write cached features %s: %s", path.name, error)
-            tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)  # may fail too (a read-only folder): encoded_image logs it and goes on
             return
         self._trim_disk_cache()
 
@@ -233,19 +243,12 @@ class InteractiveSegmenter:
         for _, size, path in sorted(files):
             if total <= self.feature_disk_cache_bytes:
                 break
-            path.unlink(missing_ok=True)
-            total -= size
-
-    def encode_in_background(self, image_key: str) -> Future:
-        """Start encoding an image (a task was opened) so that its first click finds the features ready."""
-
-        def run():
             try:
-                self.encoded_image(image_key)
-            except Exception as error:  # the click that follows will report it to the user
-                logger.warning("background encode of %s failed: %s", image_key, error)
-
-        return self._background.submit(run)
+                path.unlink(missing_ok=True)
+            except OSError as error:  # not ours to remove (a folder, permissions): skip it
+                logger.warning("feature disk cache: cannot remove %s: %s", path.name, error)
+                continue
+            total -= size
 
     # -- objects ------------------------------------------------------------------------------------------
 
@@ -264,11 +267,30 @@ class InteractiveSegmenter:
         model_points = frame.clicks_to_model_frame(points).astype(int)
         return tuple((int(x), int(y), int(c.positive)) for (x, y), c in zip(model_points, clicks))
 
+    def _state_kept(self, key) -> bool:
+        return key in self.object_states or (self.shared_store is not None and self.shared_store.has_state(key))
+
+    def _check_decoder_runs(self, image_key, frame: ModelFrame, clicks: ClickKey) -> None:
+        """Refuse, before any work, a click whose replay would cost more decoder runs than one request may."""
+        size = (frame.width, frame.height)
+        runs = 0
+        while runs < len(clicks) and not self._state_kept((image_key, size, clicks[: len(clicks) - runs])):
+            runs += 1
+            if runs > self.max_decoder_runs:
+                raise RequestError(
+                    f"this click would replay more than {self.max_decoder_runs} of its object's {len(clicks)} clicks "
+                    "(their states are not kept), over the limit of decoder runs per request "
+                    "(MAX_DECODER_RUNS_PER_REQUEST)"
+                )
+
     def _object_logits(
-        self, image: EncodedImage, frame: ModelFrame, clicks: ClickKey, timings: PredictionTimings
+        self, image: EncodedImage, frame: ModelFrame, clicks: ClickKey, timings: PredictionTimings, depth: int = 0
     ) -> np.ndarray:
-        """Logits after this click sequence: one decoder run when the prefix's state is known."""
+        """Logits after this click sequence: one decoder run when the prefix's state is known. A replay keeps
+        the states of its last REPLAY_STATES_KEPT prefixes (depth counts back from the request's click), in
+        memory and in the shared store."""
         key = (image.key, (frame.width, frame.height), clicks)  # prev_mask depends on the frame's size
+        keep = depth < REPLAY_STATES_KEPT
 
         def decode() -> np.ndarray:
             if self.shared_store is not None:
@@ -280,18 +302,21 @@ class InteractiveSegmenter:
             else:
                 # SegNext is trained with the previous prediction's probability, not its logits or its mask;
                 # upstream keeps it at the image's size and resizes it back to 1024 for the next click.
-                prev_mask = frame.through_frame(self._object_logits(image, frame, clicks[:-1], timings), sigmoid)
+                prev_mask = frame.through_frame(self._object_logits(image, frame, clicks[:-1], timings, depth + 1), sigmoid)
             coords = np.array([(x, y) for x, y, _ in clicks], dtype=np.float32)
             labels = np.array([label for _, _, label in clicks], dtype=np.float32)
             started = time.perf_counter()
             logits = self.engine.decode(image.features, coords, labels, prev_mask)
             timings.decoder_runs += 1
             timings.decoder_ms += (time.perf_counter() - started) * 1000
-            if self.shared_store is not None:  # before the click is answered: the next may land elsewhere
+            if self.shared_store is not None and keep:  # before the click is answered: the next may land elsewhere
                 self.shared_store.store_state(key, logits)
             return logits
 
-        return self.object_states.get_or_compute(key, decode)
+        if keep:
+            return self.object_states.get_or_compute(key, decode)
+        kept = self.object_states.get(key)
+        return kept if kept is not None else decode()
 
     def predict(self, image_key: str, clicks: Sequence[Click], frame_width: int, frame_height: int) -> Prediction:
         """The object's mask after these clicks, in the frame_width x frame_height frame the clicks are in.
@@ -302,12 +327,10 @@ class InteractiveSegmenter:
         frame = ModelFrame(frame_width, frame_height)
         click_key = self._click_key(clicks, frame)
         timings = PredictionTimings()
+        self._check_decoder_runs(image_key, frame, click_key)
         image = self.encoded_image(image_key, timings)
         logits = self._object_logits(image, frame, click_key, timings)
         started = time.perf_counter()
         object_mask = logits_to_mask(logits, frame, self.mask_threshold)
         timings.postprocess_ms = (time.perf_counter() - started) * 1000
         return Prediction(object_mask=object_mask, image_width=image.width, image_height=image.height, timings=timings)
-
-    def shutdown(self) -> None:
-        self._background.shutdown(wait=False, cancel_futures=True)

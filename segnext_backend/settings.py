@@ -88,8 +88,24 @@ class Settings:
     fast_jpeg_decode: bool = False
     image_connect_timeout: float = 5.0
     image_read_timeout: float = 30.0
+    # A whole image download (redirects, retries, every read) ends after this many seconds: a host that
+    # trickles bytes cannot hold a thread longer.
+    image_download_timeout: float = 120.0
+    # What is at an image's place (URL, local path, cloud URI) is trusted this long after it was checked;
+    # then it is checked again (conditional GET, stat), so changed content gets new features within it.
+    image_revalidate_seconds: float = 60.0
+    # Image pixels decoded and held (until encoded) at once over all requests; larger decodes wait.
+    decode_pixel_budget: int = 100_000_000
     # More clicks than this in one request are refused.
     max_clicks: int = 100
+    # Decoder runs one request may cost (replaying clicks whose states are not kept); more are refused.
+    max_decoder_runs_per_request: int = 20
+    # Tasks in one request; more are refused (a request without clicks queues their images for encoding).
+    max_tasks_per_request: int = 100
+    # Images waiting to be encoded in the background; when full, the oldest waiting one is dropped.
+    preencode_queue_length: int = 16
+    # Label configs larger than this are refused (each distinct config is parsed once, then cached).
+    max_label_config_bytes: int = 1 * MIB
     # ONNX Runtime threads for one model run; 0 means one per physical core.
     intra_op_threads: int = 0
     # ONNX Runtime's CPU memory arena per model: the encoder's keeps ~2.4 GB resident for a 5-10 % faster encode
@@ -122,6 +138,13 @@ class Settings:
     # in pixels (smaller parts are left out, smaller holes filled).
     polygon_tolerance: float = 1.5
     polygon_min_area: float = 25.0
+
+    def __post_init__(self):
+        # Half a basic-auth configuration would leave the backend open (or open to any password) without a
+        # word; checked here, so that the command line's --basic-auth-user/--basic-auth-pass count too.
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            given, missing = ("BASIC_AUTH_USER", "BASIC_AUTH_PASS") if self.basic_auth_user else ("BASIC_AUTH_PASS", "BASIC_AUTH_USER")
+            raise SettingsError(f"{given} is set but {missing} is empty: set both for basic auth, or neither")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -203,7 +226,16 @@ class Settings:
             fast_jpeg_decode=flag("FAST_JPEG_DECODE", defaults.fast_jpeg_decode),
             image_connect_timeout=number("IMAGE_CONNECT_TIMEOUT", defaults.image_connect_timeout, float, 0.1),
             image_read_timeout=number("IMAGE_READ_TIMEOUT", defaults.image_read_timeout, float, 0.1),
+            image_download_timeout=number("IMAGE_DOWNLOAD_TIMEOUT", defaults.image_download_timeout, float, 0.1),
+            image_revalidate_seconds=number("IMAGE_REVALIDATE_SECONDS", defaults.image_revalidate_seconds, float, 0.0),
+            decode_pixel_budget=number("DECODE_PIXEL_BUDGET", defaults.decode_pixel_budget, int, 1),
             max_clicks=number("MAX_CLICKS", defaults.max_clicks, int, 1),
+            max_decoder_runs_per_request=number(
+                "MAX_DECODER_RUNS_PER_REQUEST", defaults.max_decoder_runs_per_request, int, 1
+            ),
+            max_tasks_per_request=number("MAX_TASKS_PER_REQUEST", defaults.max_tasks_per_request, int, 1),
+            preencode_queue_length=number("PREENCODE_QUEUE_LENGTH", defaults.preencode_queue_length, int, 0),
+            max_label_config_bytes=number("MAX_LABEL_CONFIG_BYTES", defaults.max_label_config_bytes, int, 1),
             intra_op_threads=number("ORT_INTRA_OP_THREADS", defaults.intra_op_threads, int, 0),
             device=device,
             encoder_memory_arena=flag("ORT_ENCODER_MEMORY_ARENA", defaults.encoder_memory_arena),
@@ -228,4 +260,5 @@ class Settings:
             for f in fields(self)
         }
         shown["redis_url"] = redact_url(self.redis_url)  # may carry a password
+        shown["label_studio_url"] = redact_url(self.label_studio_url)  # so may this
         return shown

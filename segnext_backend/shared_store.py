@@ -213,6 +213,10 @@ class SharedStore:
         self._count(state_hits=1)
         return unpacked[0].astype(np.float32)  # a writable copy, in native byte order
 
+    def has_state(self, key: Any) -> bool:
+        """Whether a state is stored (without reading its 4 MB): for counting what a replay would cost."""
+        return bool(self._call(lambda: self._client.exists(self._key("state", key)), default=0))
+
     def store_state(self, key: Any, logits: np.ndarray) -> None:
         rows, cols = logits.shape
         value = HEADER.pack(STATE_MAGIC, rows, cols) + np.ascontiguousarray(logits, dtype="<f4").tobytes()

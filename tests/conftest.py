@@ -137,7 +137,7 @@ def make_client(test_model_paths, image_server):
 
     def make(models=None, **overrides):
         settings = replace(
-            Settings(), label_studio_url=image_server.url, label_studio_api_key="test-token", **overrides
+            Settings(), **{"label_studio_url": image_server.url, "label_studio_api_key": "test-token", **overrides}
         )
         spy = EngineSpy(SegNextEngine(*(models or test_model_paths), intra_op_threads=1))
         runtime = model.build_runtime(settings, spy)
@@ -150,7 +150,7 @@ def make_client(test_model_paths, image_server):
     yield make
     model.set_runtime(None)
     for runtime in made:
-        runtime.segmenter.shutdown()
+        runtime.pre_encoder.stop()
 
 
 def backend_env(tmp_path, **extra) -> dict:

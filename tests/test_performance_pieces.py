@@ -418,7 +418,6 @@ def test_disk_feature_cache_round_trip(test_model_paths, tmp_path):
     with np.load(files[0]) as stored:
         assert stored["features"].dtype == np.float16 and stored["features"].shape == (1, 768, 64, 64)
         assert (int(stored["width"]), int(stored["height"])) == (640, 480)
-    first.shutdown()
 
     # A new process (a restart) finds the features on disk: no encode, the same mask.
     second, second_spy = _segmenter(test_model_paths, scene, feature_disk_cache_dir=tmp_path / "features")
@@ -430,7 +429,6 @@ def test_disk_feature_cache_round_trip(test_model_paths, tmp_path):
     # Another image key is not served from this file.
     second.predict("img-2", clicks, scene.width, scene.height)
     assert second_spy.encodes == 1
-    second.shutdown()
 
 
 def test_disk_feature_cache_ignores_unreadable_files_and_is_off_by_default(test_model_paths, tmp_path):
@@ -447,12 +445,10 @@ def test_disk_feature_cache_ignores_unreadable_files_and_is_off_by_default(test_
     segmenter.feature_cache.clear()
     segmenter.predict("img", clicks, scene.width, scene.height)
     assert spy.encodes == 2  # the broken file was ignored, and rewritten
-    segmenter.shutdown()
 
     default, _ = _segmenter(test_model_paths, scene)
     assert default.feature_disk_cache_dir is None
     default.predict("img", clicks, scene.width, scene.height)
-    default.shutdown()
 
 
 def test_disk_feature_cache_stays_within_its_byte_budget(test_model_paths, tmp_path):

@@ -12,7 +12,9 @@ from onnx import TensorProto, helper
 
 from segnext_backend.engine import ModelInterfaceError, SegNextEngine
 from segnext_backend.errors import RequestError
+from segnext_backend.images import abort_download
 from segnext_backend.masks import sigmoid
+from segnext_backend.preencode import PreEncoder
 from segnext_backend.segmenter import Click, InteractiveSegmenter
 
 
@@ -117,7 +119,10 @@ def test_concurrent_first_clicks_on_one_image_encode_it_once(spy):
 def test_background_encode_then_click_runs_no_encoder(spy):
     scene = make_scene(640, 480)
     segmenter = segmenter_for(spy, {"img": scene})
-    segmenter.encode_in_background("img").result(10)
+    pre_encoder = PreEncoder(segmenter.encoded_image, 4, abort_download)
+    pre_encoder.submit("img")
+    assert pre_encoder.wait_idle(60)
+    pre_encoder.stop()
     prediction = segmenter.predict("img", clicks_on(scene, (1, True)), 640, 480)
     assert prediction.timings.feature_cache_hit and spy.encodes == 1
 

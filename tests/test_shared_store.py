@@ -251,9 +251,12 @@ def test_foreign_or_truncated_values_are_a_miss(test_model_paths, redis_server):
 
 
 def test_keys_ignore_fields_outside_the_identity_and_differ_by_model():
-    from segnext_backend.images import ImageRef
+    from segnext_backend.images import ImageRef, ImageVersion
 
-    assert stable_digest(ImageRef("url", "http://x/a.png", task_id=1)) == stable_digest(ImageRef("url", "http://x/a.png", task_id=2))
+    # The features' key is the content: where it was seen (a field outside the identity) does not count.
+    seen_at = ImageRef("url", "http://x/a.png"), ImageRef("cloud", "s3://b/a.png", task_id=2)
+    assert stable_digest(ImageVersion("ab" * 32, seen_at[0])) == stable_digest(ImageVersion("ab" * 32, seen_at[1]))
+    assert stable_digest(ImageRef("cloud", "s3://b/a.png", task_id=1)) != stable_digest(seen_at[1])
     assert stable_digest(ImageRef("url", "http://x/a.png")) != stable_digest(ImageRef("local", "http://x/a.png"))
     assert stable_digest(("img", ((1, 2, 1),))) != stable_digest(("img", ((1, 2, 0),)))
     one, other = SharedStore("redis://127.0.0.1:1/0", namespace="a"), SharedStore("redis://127.0.0.1:1/0", namespace="b")

@@ -233,7 +233,7 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
         started = time.perf_counter()
         post(predict_body(path12, None))
         open_answer_s = time.perf_counter() - started
-        segmenter._background.submit(lambda: None).result()  # the one background worker is done
+        runtime.pre_encoder.wait_idle()  # the background encode is done
         started = time.perf_counter()
         post(predict_body(path12, [first]))
         first_click_s = time.perf_counter() - started
@@ -291,7 +291,6 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
         )
         disk_read_s, _ = timed(lambda: disk._read_disk_features("bench"), runs)
         half_features = disk._read_disk_features("bench").features.numpy()
-        disk.shutdown()
     logits_fp32 = engine.decoder.run(["mask"], feeds)[0]
     logits_fp16 = engine.decoder.run(["mask"], dict(feeds, image_feats=half_features))[0]
     fp16_logit_diff = float(np.abs(logits_fp32 - logits_fp16).max())

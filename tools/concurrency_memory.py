@@ -87,7 +87,7 @@ def child(models: Path, clicks: int, bound: int, threads: int) -> dict:
         for i, path in enumerate(files):
             response = client.post("/predict", json=predict_body(path, None, task_id=10 + i))
             assert response.status_code == 200, response.get_data(as_text=True)
-        runtime.segmenter._background.submit(lambda: None).result()
+        runtime.pre_encoder.wait_idle()
         encode_s = time.perf_counter() - started
         assert runtime.segmenter.feature_cache.stats().entries >= clicks, runtime.segmenter.feature_cache.stats()
         before_clicks_mb = maxrss_mb()

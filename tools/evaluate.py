@@ -186,7 +186,7 @@ def evaluate_models(models: Path, objects: list[DatasetObject], base_settings: S
                 bar.set_postfix(noc90=f"{np.mean(noc90s):.2f}")
         result.wall_s = time.perf_counter() - started
     finally:
-        segmenter.shutdown()
+        runtime.pre_encoder.stop()
     if not rows:
         raise EvaluationError(f"no object has any pixel to evaluate ({len(result.skipped)} empty)")
     result.ious = np.array(rows)

@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -54,6 +54,7 @@ class RunResult:
     encoder_runs: int = 0
     decoder_runs: int = 0
     images: int = 0
+    error_examples: list[str] = field(default_factory=list)
 
     def row(self) -> str:
         lat = sorted(self.latencies_ms)
@@ -132,7 +133,7 @@ def run(
             backend.start().wait_ready()
             url, backends = backend.url, [backend]
 
-        latencies, errors, wrong = [], [0], [0]
+        latencies, errors, wrong, examples = [], [0], [0], []
         request_timeout = time_limit if models else 120  # SegNext-sized clicks queue for minutes on a small CPU
         lock = threading.Lock()
         stop_at = time.monotonic() + time_limit
@@ -163,9 +164,13 @@ def run(
                             right = ok
                         else:
                             right = bool(regions) and iou(decode_region(regions[0], scene.width, scene.height), expected) >= 0.98
-                    except (requests.RequestException, ValueError, KeyError, IndexError):
+                    except (requests.RequestException, ValueError, KeyError, IndexError) as error:
                         ok, right, elapsed = False, False, (time.perf_counter() - started) * 1000
+                        response = error
                     with lock:
+                        if not ok and len(examples) < 5:
+                            what = getattr(response, "text", None) or repr(response)
+                            examples.append(f"{getattr(response, 'status_code', '')} {what[:200]} after {elapsed:.0f} ms")
                         latencies.append(elapsed)
                         errors[0] += not ok
                         wrong[0] += ok and not right
@@ -181,6 +186,7 @@ def run(
             encoder_runs=sum(m["encoder_runs"] for m in metrics),
             decoder_runs=sum(m["decoder_runs"] for m in metrics),
             images=len(files),
+            error_examples=examples,
         )
     finally:
         if fleet is not None:
@@ -213,6 +219,8 @@ def main(argv=None) -> int:
             replicas=replicas,
         )
         print(result.row(), flush=True)
+        for example in result.error_examples:
+            print(f"  error: {example}", file=sys.stderr, flush=True)
         failed |= result.errors > 0 or result.wrong_masks > 0
     return 1 if failed else 0
 

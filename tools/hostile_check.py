@@ -1,0 +1,399 @@
+"""Hostile requests against a backend under gunicorn while an honest annotator clicks: loopback only.
+
+    python -m tools.hostile_check
+
+Starts a stand-in Label Studio on 127.0.0.1 (uploads, presign, token refresh, a host that trickles bytes, an
+image whose content changes) and the backend under gunicorn (1 worker x 8 threads, the test models) behind
+basic auth with a non-ASCII password, a LABEL_STUDIO_URL carrying credentials, a personal access token and a
+disk feature cache with an entry it cannot remove. One honest annotator clicks the whole time (positive,
+positive, negative on three images, every mask checked). First the honest clicks alone (the baseline), then
+each case of docs/reliability.md's hostile list: the hostile request(s) are sent while the annotator clicks.
+Prints, per case, what came back and the honest clicks' latency meanwhile. Exit status 1 if any case got
+another answer than expected, an honest click failed or got a wrong mask.
+
+Shortened for a run of a few minutes: IMAGE_DOWNLOAD_TIMEOUT=10 (default 120), IMAGE_REVALIDATE_SECONDS=5
+(default 60), DECODE_PIXEL_BUDGET=30000000 (default 100000000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import http.server
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tools.file_server import free_port, start_server  # noqa: E402
+from tools.scenes import Scene, click_on, decode_region, encode_png, iou, keypoint, make_scene, predict_body  # noqa: E402
+
+USER, PASSWORD = "annotator", "Grüße"  # Latin-1 from python-requests, UTF-8 from curl
+URL_SECRET = "url-secret-6f1d"
+PAT = "eyJhbGciOiJIUzI1NiJ9." + base64.urlsafe_b64encode(b'{"token_type":"refresh"}').decode().rstrip("=") + ".sig"
+
+
+def mirrored(scene: Scene) -> Scene:
+    return Scene(pixels=np.ascontiguousarray(scene.pixels[:, ::-1]), objects=[o[:, ::-1] for o in scene.objects])
+
+
+def enlarged(scene: Scene, factor: int) -> bytes:
+    return encode_png(np.repeat(np.repeat(scene.pixels, factor, axis=0), factor, axis=1))
+
+
+@dataclass
+class StandIn:
+    """Label Studio's stand-in: its routes and a few hostile hosts, all on one loopback server."""
+
+    files: dict = field(default_factory=dict)
+    refresh_redirects: bool = False
+    posts_elsewhere: int = 0
+    url: str = ""
+
+    def handler(self):
+        state = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send(self, status, body=b"", headers=()):
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path.startswith("/elsewhere"):
+                    state.posts_elsewhere += 1
+                    return self.send(200, b"{}")
+                if state.refresh_redirects:
+                    return self.send(307, headers=[("Location", state.url + "/elsewhere/")])
+                access = "eyJhbGciOiJIUzI1NiJ9." + base64.urlsafe_b64encode(
+                    json.dumps({"exp": time.time() + 3600}).encode()
+                ).decode().rstrip("=") + ".sig"
+                self.send(200, json.dumps({"access": access}).encode(), [("Content-Type", "application/json")])
+
+            def do_GET(self):
+                parts = urlsplit(self.path)
+                if parts.path == "/data/upload/1/trickle.png":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    try:
+                        for _ in range(600):
+                            self.wfile.write(b"x")
+                            self.wfile.flush()
+                            time.sleep(0.5)
+                    except OSError:
+                        pass
+                    return
+                if parts.path == "/data/upload/1/needs-refresh.png":
+                    return self.send(401)
+                if parts.path.startswith("/tasks/") and parts.path.endswith("/presign/"):
+                    task = parts.path.split("/")[2]
+                    uri = base64.urlsafe_b64decode(parse_qs(parts.query)["fileuri"][0]).decode()
+                    return self.send(303, headers=[("Location", f"/signed/{task}/{uri.rsplit('/', 1)[-1]}")])
+                body = state.files.get(parts.path)
+                self.send(200, body) if body is not None else self.send(404)
+
+        return Handler
+
+
+@dataclass
+class Honest:
+    """One annotator clicking positive, positive, negative on three images, over and over, every mask checked."""
+
+    url: str
+    scenes: dict
+    clicks: list = field(default_factory=list)  # (finished at, ms, right)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        session = requests.Session()
+        session.auth = (USER, PASSWORD)
+        task = 0
+        while not self.stop.is_set():
+            for path, scene in self.scenes.items():
+                task += 1
+                points, expected = [], None
+                for index, positive in ((0, True), (1, True), (0, False)):
+                    if self.stop.is_set():
+                        return
+                    points.append(click_on(scene, index, positive))
+                    target = scene.objects[index]
+                    expected = target if expected is None else (expected | target if positive else expected & ~target)
+                    started = time.perf_counter()
+                    try:
+                        response = session.post(self.url + "/predict", json=predict_body(path, points, task_id=task), timeout=120)
+                        region = response.json()["results"][0]["result"][0]
+                        right = iou(decode_region(region, scene.width, scene.height), expected) >= 0.98
+                    except (requests.RequestException, ValueError, KeyError, IndexError):
+                        right = False
+                    self.clicks.append((time.monotonic(), (time.perf_counter() - started) * 1000, right))
+                    time.sleep(0.2)  # a person's pause between clicks
+
+    def between(self, start: float, end: float) -> list:
+        return [c for c in self.clicks if start <= c[0] <= end]
+
+
+def latency(clicks: list) -> str:
+    if not clicks:
+        return "no clicks"
+    ms = sorted(c[1] for c in clicks)
+    wrong = sum(not c[2] for c in clicks)
+    return f"{len(ms)} clicks, p50 {statistics.median(ms):.0f} ms, max {ms[-1]:.0f} ms" + (f", {wrong} WRONG" if wrong else "")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--baseline-seconds", type=float, default=15.0)
+    args = parser.parse_args(argv)
+
+    stand_in = StandIn()
+    honest_scenes = {f"/data/upload/1/honest{i}.png": make_scene(800, 600, seed=i) for i in range(3)}
+    for path, scene in honest_scenes.items():
+        stand_in.files[path] = encode_png(scene.pixels)
+    small = make_scene(400, 300, seed=7)
+    stand_in.files["/data/upload/1/small.png"] = encode_png(small.pixels)
+    changing_old, changing_new = mirrored(small), small
+    stand_in.files["/data/upload/1/changing.png"] = encode_png(changing_old.pixels)
+    stand_in.files["/signed/7/shared.png"] = encode_png(mirrored(small).pixels)  # task 7's project: other bytes
+    stand_in.files["/signed/8/shared.png"] = encode_png(small.pixels)
+    big = [make_scene(600, 400, seed=20 + i) for i in range(3)]
+    for i, scene in enumerate(big):
+        stand_in.files[f"/data/upload/1/big{i}.png"] = enlarged(scene, 10)  # 6000x4000 = 24 MP each
+    stand_in.url, httpd = start_server(stand_in.handler())
+
+    workdir = Path(tempfile.mkdtemp(prefix="segnext-hostile-"))
+    (workdir / "features" / "undeletable.npz").mkdir(parents=True)
+    (workdir / "features" / "undeletable.npz" / "x").write_bytes(b"x")
+    port = free_port()
+    env = {
+        **os.environ,
+        "DEMO": "true",
+        "MODEL_DIR": str(workdir / "models"),
+        "LABEL_STUDIO_URL": stand_in.url.replace("http://", f"http://someone:{URL_SECRET}@"),
+        "LABEL_STUDIO_API_KEY": PAT,
+        "BASIC_AUTH_USER": USER,
+        "BASIC_AUTH_PASS": PASSWORD,
+        "FEATURE_DISK_CACHE_DIR": str(workdir / "features"),
+        "FEATURE_DISK_CACHE_BYTES": "30000000",
+        "IMAGE_DOWNLOAD_TIMEOUT": "10",
+        "IMAGE_REVALIDATE_SECONDS": "5",
+        "DECODE_PIXEL_BUDGET": "30000000",
+        "PORT": str(port),
+        "WORKERS": "1",
+        "THREADS": "8",
+        "LOG_LEVEL": "INFO",
+    }
+    log_path = workdir / "backend.log"
+    backend = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"],
+        cwd=ROOT, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    auth = (USER, PASSWORD)
+    failures = []
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if requests.get(url + "/health", auth=auth, timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline or backend.poll() is not None:
+                raise RuntimeError("backend did not start: " + log_path.read_text()[-2000:])
+            time.sleep(0.2)
+
+        def post(body, **kwargs) -> requests.Response:
+            data = json.dumps(body)  # Python's json writes 10**400 as digits, which a JSON parser must take
+            return requests.post(url + "/predict", data=data, headers={"Content-Type": "application/json"},
+                                 auth=auth, timeout=120, **kwargs)
+
+        def status_and_error(response) -> str:
+            try:
+                return f"{response.status_code} {response.json().get('error', '')[:110]}"
+            except ValueError:
+                return f"{response.status_code} (not JSON)"
+
+        def right_mask(response, scene, index, width=None, height=None) -> bool:
+            try:
+                region = response.json()["results"][0]["result"][0]
+            except (ValueError, KeyError, IndexError):
+                return False
+            mask = decode_region(region, width or scene.width, height or scene.height)
+            return iou(mask, scene.objects[index]) >= 0.95
+
+        def refused(response, status: int, *words) -> bool:
+            text = response.text
+            return response.status_code == status and all(w in text for w in words) and URL_SECRET not in text
+
+        def case_1():
+            x, y = small.inside_point(0)
+            r = post(predict_body("/data/upload/1/small.png", [keypoint(100 * x / 400, 100 * y / 300, 40000, 40000)]))
+            return refused(r, 400, "MAX_IMAGE_PIXELS"), status_and_error(r)
+
+        def case_2():
+            answers = [None] * 3
+
+            def one(i):
+                answers[i] = post(predict_body("/data/upload/1/trickle.png", [click_on(small, 0)], task_id=100 + i))
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return all(refused(a, 422, "IMAGE_DOWNLOAD_TIMEOUT") for a in answers), "3 x " + status_and_error(answers[0])
+
+        def case_3():
+            injected = predict_body("s3://bucket/shared.png", [click_on(small, 0)])
+            injected["tasks"][0]["id"] = "1/../../data/upload/1/small.png?"
+            r = post(injected)
+            post(predict_body("s3://bucket/shared.png", [click_on(small, 1)], task_id=7))  # another project's bytes
+            victim = post(predict_body("s3://bucket/shared.png", [click_on(small, 1)], task_id=8))
+            ok = refused(r, 400, "task id") and right_mask(victim, small, 1)
+            return ok, f"{status_and_error(r)}; victim task's mask right: {right_mask(victim, small, 1)}"
+
+        def case_4():
+            scene = make_scene(500, 400, seed=30)
+            stand_in.files["/data/upload/1/disk.png"] = encode_png(scene.pixels)
+            r = post(predict_body("/data/upload/1/disk.png", [click_on(scene, 2)]))
+            return right_mask(r, scene, 2), f"{r.status_code}, mask right: {right_mask(r, scene, 2)} (cache folder over budget, an entry it cannot remove)"
+
+        def case_5():
+            stand_in.refresh_redirects = True
+            try:
+                r = post(predict_body("/data/upload/1/needs-refresh.png", [click_on(small, 0)]))
+            finally:
+                stand_in.refresh_redirects = False
+            return refused(r, 422, "redirect") and stand_in.posts_elsewhere == 0, f"{status_and_error(r)}; token posts elsewhere: {stand_in.posts_elsewhere}"
+
+        def case_6():
+            first = post(predict_body("/data/upload/1/changing.png", [click_on(changing_old, 1)]))
+            stand_in.files["/data/upload/1/changing.png"] = encode_png(changing_new.pixels)
+            time.sleep(5.5)  # IMAGE_REVALIDATE_SECONDS
+            second = post(predict_body("/data/upload/1/changing.png", [click_on(changing_new, 1)]))
+            ok = right_mask(first, changing_old, 1) and right_mask(second, changing_new, 1)
+            return ok, f"before the change right: {right_mask(first, changing_old, 1)}, after: {right_mask(second, changing_new, 1)}"
+
+        def case_7():
+            body = predict_body("/data/upload/1/small.png", None)
+            body["tasks"] = [{**copy.deepcopy(body["tasks"][0]), "id": i + 1} for i in range(10_000)]
+            r = post(body)
+            return refused(r, 413, "MAX_TASKS_PER_REQUEST"), status_and_error(r)
+
+        def case_8():
+            body = predict_body("/data/upload/1/small.png", [click_on(small, 0)])
+            body["label_config"] = body["label_config"].replace("</View>", "<!--" + "x" * 5_000_000 + "--></View>")
+            r = post(body)
+            return refused(r, 413, "MAX_LABEL_CONFIG_BYTES"), status_and_error(r)
+
+        def case_9():
+            half = {k: v for k, v in env.items() if k != "BASIC_AUTH_USER"}
+            result = subprocess.run([sys.executable, "_wsgi.py", "--port", "1"], cwd=ROOT, env=half,
+                                    capture_output=True, text=True, timeout=120)
+            return result.returncode == 2 and "BASIC_AUTH_USER" in result.stderr, f"exit {result.returncode}: {result.stderr.strip()[:110]}"
+
+        def case_10():
+            from_requests = requests.get(url + "/health", auth=auth, timeout=30).status_code
+            curl = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-u", f"{USER}:{PASSWORD}", url + "/health"],
+                                  capture_output=True, text=True, timeout=60).stdout if shutil.which("curl") else "no curl"
+            check = subprocess.run([sys.executable, "_wsgi.py", "--health-check"], cwd=ROOT, env=env,
+                                   capture_output=True, text=True, timeout=60).returncode
+            ok = from_requests == 200 and curl in ("200", "no curl") and check == 0
+            return ok, f"python-requests {from_requests}, curl {curl}, _wsgi.py --health-check exit {check}"
+
+        def case_11():
+            r = post(predict_body("/data/upload/1/missing.png", [click_on(small, 0)]))
+            in_log = URL_SECRET in log_path.read_text()
+            return refused(r, 422, "HTTP 404") and not in_log, f"{status_and_error(r)}; secret in the log: {in_log}"
+
+        def case_12():
+            answers = []
+            for field_name, value in (("x", 10**400), ("original_width", 1e308), ("original_height", 2**63), ("image_rotation", 10**400)):
+                point = click_on(small, 0)
+                (point["value"] if field_name == "x" else point)[field_name] = value
+                answers.append(post(predict_body("/data/upload/1/small.png", [point])))
+            return all(a.status_code == 400 for a in answers), ", ".join(str(a.status_code) for a in answers) + " (x=10**400, width=1e308, height=2**63, rotation=10**400)"
+
+        def case_13():
+            answers = [None] * 3
+
+            def one(i):
+                # Label Studio may report a smaller frame than the file has: the mask comes back at 600x400.
+                answers[i] = post(predict_body(f"/data/upload/1/big{i}.png", [click_on(big[i], 1)], task_id=200 + i))
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            rights = [right_mask(a, big[i], 1) for i, a in enumerate(answers)]
+            return all(rights), f"3 x 24 MP at once under a 30 MP budget: masks right {rights}"
+
+        def case_14():
+            clicks = [click_on(small, i % 3, positive=i % 3 != 2) for i in range(100)]
+            r = post(predict_body("/data/upload/1/small.png", clicks, task_id=300))
+            return refused(r, 400, "MAX_DECODER_RUNS_PER_REQUEST"), status_and_error(r)
+
+        def case_15():
+            r = post(predict_body("http://192.0.0.8/x.png", [click_on(small, 0)]))
+            return refused(r, 400, "ALLOW_PRIVATE_IMAGE_HOSTS"), status_and_error(r)
+
+        honest = Honest(url, honest_scenes)
+        clicker = threading.Thread(target=honest.run)
+        clicker.start()
+        time.sleep(args.baseline_seconds)
+        baseline = honest.between(0, time.monotonic())
+        print(f"# honest annotator alone: {latency(baseline[3:])} (first round, which encodes, left out)")
+        print("| case | answer | as expected | honest clicks meanwhile |")
+        print("| --- | --- | --- | --- |")
+        cases = [case_1, case_2, case_3, case_4, case_5, case_6, case_7, case_8, case_9, case_10, case_11, case_12, case_13, case_14, case_15]
+        for number, case in enumerate(cases, start=1):
+            started = time.monotonic()
+            ok, what = case()
+            time.sleep(0.5)
+            meanwhile = honest.between(started, time.monotonic())
+            print(f"| {number} | {what} | {'yes' if ok else 'NO'} | {latency(meanwhile)} |", flush=True)
+            if not ok:
+                failures.append(number)
+        honest.stop.set()
+        clicker.join(130)
+        wrong = [c for c in honest.clicks if not c[2]]
+        print(f"# honest annotator over the whole run: {latency(honest.clicks)}")
+        if wrong:
+            failures.append("honest")
+    finally:
+        backend.terminate()
+        try:
+            backend.wait(40)
+        except subprocess.TimeoutExpired:
+            backend.kill()
+        httpd.shutdown()
+    print("all as expected" if not failures else f"NOT as expected: {failures}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
