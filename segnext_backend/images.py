@@ -49,7 +49,6 @@ import numpy as np
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 from requests.adapters import HTTPAdapter
-from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from .addresses import is_public

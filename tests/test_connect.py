@@ -20,6 +20,7 @@ import pytest
 from segnext_backend.errors import RequestError
 from segnext_backend import images
 from segnext_backend.images import ImageFetchConfig, ImageRef, ImageSource
+from tools.file_server import BytesHandler
 
 LEGACY = "0123456789abcdef0123456789abcdef01234567"
 
@@ -57,17 +58,7 @@ class StandInLabelStudio:
     def handler(self):
         ls = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def reply(self, status, body=b"", headers=()):
-                self.send_response(status)
-                for name, value in headers:
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        class Handler(BytesHandler):
 
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))

@@ -422,7 +422,7 @@ def read_coco(coco_path: Path, images_dir: Path) -> list[DatasetObject]:
             raise DatasetError(f"{where} belongs to image_id {annotation.get('image_id')!r}, which the file does not list")
         by_image.setdefault(annotation["image_id"], []).append(annotation)
     objects = []
-    for image_id, annotations in by_image.items():
+    for image_id, image_annotations in by_image.items():
         entry = images[image_id]
         path = images_dir / entry["file_name"]
         if not path.is_file():
@@ -434,7 +434,7 @@ def read_coco(coco_path: Path, images_dir: Path) -> list[DatasetObject]:
                 f"{coco_path}: image {entry['file_name']!r} is declared {declared[0]}x{declared[1]} but {path} is "
                 f"{width}x{height} (after its EXIF orientation)"
             )
-        for annotation in annotations:
+        for annotation in image_annotations:
             where = f"{coco_path} annotation {annotation.get('id')}"
             segmentation = annotation["segmentation"]
             if isinstance(segmentation, dict):

@@ -9,7 +9,16 @@ import threading
 
 
 class BytesHandler(http.server.BaseHTTPRequestHandler):
-    """A quiet request handler; subclasses' do_GET calls `answer` with what to send back."""
+    """A quiet request handler; subclasses' do_GET calls `answer` (or `reply`) with what to send back."""
+
+    def reply(self, status: int, body: bytes = b"", headers=()) -> None:
+        """Send `status` with `body` and these (name, value) headers."""
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def answer(self, content: bytes | int | None) -> None:
         """Send `content` with 200; an int is answered as that status without a body, None as 404."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
-import http.server
 import json
 import os
 import shutil
@@ -40,7 +39,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tools.file_server import free_port, start_server  # noqa: E402
+from tools.file_server import BytesHandler, free_port, start_server  # noqa: E402
 from tools.scenes import Scene, click_on, decode_region, encode_png, iou, keypoint, make_scene, predict_body  # noqa: E402
 
 USER, PASSWORD = "annotator", "Grüße"  # Latin-1 from python-requests, UTF-8 from curl
@@ -68,29 +67,19 @@ class StandIn:
     def handler(self):
         state = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def send(self, status, body=b"", headers=()):
-                self.send_response(status)
-                for name, value in headers:
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        class Handler(BytesHandler):
 
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if self.path.startswith("/elsewhere"):
                     state.posts_elsewhere += 1
-                    return self.send(200, b"{}")
+                    return self.reply(200, b"{}")
                 if state.refresh_redirects:
-                    return self.send(307, headers=[("Location", state.url + "/elsewhere/")])
+                    return self.reply(307, headers=[("Location", state.url + "/elsewhere/")])
                 access = "eyJhbGciOiJIUzI1NiJ9." + base64.urlsafe_b64encode(
                     json.dumps({"exp": time.time() + 3600}).encode()
                 ).decode().rstrip("=") + ".sig"
-                self.send(200, json.dumps({"access": access}).encode(), [("Content-Type", "application/json")])
+                self.reply(200, json.dumps({"access": access}).encode(), [("Content-Type", "application/json")])
 
             def do_GET(self):
                 parts = urlsplit(self.path)
@@ -107,13 +96,13 @@ class StandIn:
                         pass
                     return
                 if parts.path == "/data/upload/1/needs-refresh.png":
-                    return self.send(401)
+                    return self.reply(401)
                 if parts.path.startswith("/tasks/") and parts.path.endswith("/presign/"):
                     task = parts.path.split("/")[2]
                     uri = base64.urlsafe_b64decode(parse_qs(parts.query)["fileuri"][0]).decode()
-                    return self.send(303, headers=[("Location", f"/signed/{task}/{uri.rsplit('/', 1)[-1]}")])
+                    return self.reply(303, headers=[("Location", f"/signed/{task}/{uri.rsplit('/', 1)[-1]}")])
                 body = state.files.get(parts.path)
-                self.send(200, body) if body is not None else self.send(404)
+                self.reply(200, body) if body is not None else self.reply(404)
 
         return Handler
 
