@@ -1,6 +1,7 @@
 # segnext-backend: SegNext interactive segmentation for Label Studio.
 #   docker build -t segnext-backend .                                  (CPU)
 #   docker build -t segnext-backend:gpu --build-arg DEVICE=auto .      (GPU: onnxruntime-gpu with CUDA and cuDNN)
+#   docker build -t segnext-backend:openvino --build-arg DEVICE=openvino .   (CPU, OpenVINO: bf16 where the CPU has it)
 # DEVICE is also the image's default setting: `auto` uses the GPU when it works and says why not otherwise,
 # `cuda` refuses to start without it (README.md, "GPU"). Run GPU images with `docker run --gpus all`.
 # The model files are not in the image: they live in the /models volume and are downloaded there at the
@@ -22,11 +23,14 @@ RUN useradd --create-home --uid 1000 segnext \
     && chown segnext:segnext /models
 
 # The same install steps as scripts/install.sh (which tests/test_deploy.py runs in a clean virtual environment).
-COPY requirements.txt requirements-no-deps.txt requirements-gpu.txt ./
+COPY requirements.txt requirements-no-deps.txt requirements-gpu.txt requirements-openvino.txt ./
 COPY scripts/install.sh scripts/install.sh
-RUN case "$DEVICE" in cpu|cuda|auto) ;; *) echo "DEVICE=$DEVICE: use cpu, cuda or auto" >&2; exit 1;; esac
+RUN case "$DEVICE" in cpu|cuda|auto|openvino) ;; *) echo "DEVICE=$DEVICE: use cpu, cuda, auto or openvino" >&2; exit 1;; esac
 RUN bash scripts/install.sh \
-    && if [ "$DEVICE" != "cpu" ]; then \
+    && if [ "$DEVICE" = "openvino" ]; then \
+         /opt/venv/bin/pip uninstall --yes onnxruntime \
+         && /opt/venv/bin/pip install -r requirements-openvino.txt; \
+       elif [ "$DEVICE" != "cpu" ]; then \
          /opt/venv/bin/pip uninstall --yes onnxruntime \
          && /opt/venv/bin/pip install -r requirements-gpu.txt; \
        fi

@@ -67,7 +67,9 @@ def load_runtime(settings: Settings):
         decoder_path,
         intra_op_threads=settings.intra_op_threads,
         max_concurrent_decodes=settings.max_concurrent_decodes,
-        providers=choose_execution_providers(settings.device),
+        providers=choose_execution_providers(
+            settings.device, openvino_precision=settings.openvino_precision, threads=settings.intra_op_threads
+        ),
         encoder_memory_arena=settings.encoder_memory_arena,
         decoder_memory_arena=settings.decoder_memory_arena,
     )

@@ -219,6 +219,8 @@ def runtime_status() -> dict:
         # DEVICE as set, and the ONNX Runtime provider that really runs the models (DEVICE=auto may mean the CPU).
         "device": runtime.settings.device,
         "execution_provider": segmenter.engine.execution_providers[0],
+        # DEVICE=openvino: what OpenVINO computes in ("bf16" where the CPU has it, else "f32"); null otherwise.
+        "openvino_precision": segmenter.engine.openvino_precision,
         "models": {
             role: {**asdict(info), "sha256": runtime.model_sha256[role]} for role, info in segmenter.engine.files.items()
         },

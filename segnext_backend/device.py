@@ -4,12 +4,15 @@
 - `cuda`: the CUDA provider, or a `DeviceError` that names what is missing (an ONNX Runtime build without
   CUDA, a CUDA/cuDNN library that does not load, no NVIDIA driver, no GPU), so the process refuses to start.
 - `auto`: the CUDA provider when it works, else the CPU with a warning that says why.
+- `openvino`: the OpenVINO provider on the CPU (ONNX Runtime's OpenVINO build, onnxruntime-openvino, in place
+  of onnxruntime), computing in `OPENVINO_PRECISION`: bf16 (the default, where the CPU has AVX512_BF16 or AMX:
+  about twice float32's speed, docs/performance.md) or f32; or a `DeviceError` naming what is missing.
 
-ONNX Runtime does not fail when its CUDA provider cannot start: it logs an error and runs the session on the
-CPU. Only the session's active providers tell, so the choice is made by running a one-node model on the
-providers asked for before the real models are loaded. onnxruntime-gpu's `preload_dlls()` is called first: it
-loads the CUDA and cuDNN libraries that pip installed (the `nvidia-*` packages), which the CUDA provider's
-library does not find by itself.
+ONNX Runtime does not fail when its CUDA or OpenVINO provider cannot start: it logs an error and runs the
+session on the CPU. Only the session's active providers tell, so the choice is made by running a one-node
+model on the providers asked for before the real models are loaded. onnxruntime-gpu's `preload_dlls()` is
+called first: it loads the CUDA and cuDNN libraries that pip installed (the `nvidia-*` packages), which the
+CUDA provider's library does not find by itself.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
+import json
 import logging
 import re
 import sys
@@ -30,9 +34,15 @@ from .settings import DEVICES
 logger = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
+OPENVINO = "OpenVINOExecutionProvider"
 CPU = "CPUExecutionProvider"
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo: the instructions OpenVINO's bf16 kernels use
 _ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # preload_dlls colours its warnings
 
+_OPENVINO_INSTALL_HINT = (
+    "install onnxruntime-openvino in place of onnxruntime (requirements-openvino.txt; the Docker image: "
+    "--build-arg DEVICE=openvino)"
+)
 _GPU_INSTALL_HINT = (
     "install onnxruntime-gpu with its CUDA and cuDNN packages in place of onnxruntime "
     "(requirements-gpu.txt; the Docker image: --build-arg DEVICE=auto)"
@@ -40,14 +50,15 @@ _GPU_INSTALL_HINT = (
 
 
 class DeviceError(RuntimeError):
-    """DEVICE=cuda cannot be honoured; the message names everything found missing."""
+    """DEVICE=cuda or DEVICE=openvino cannot be honoured; the message names everything found missing."""
 
 
-def choose_execution_providers(device: str, ort=None) -> list[str]:
-    """The providers for DEVICE (`cpu`, `cuda` or `auto`), in priority order; `ort` is the onnxruntime module
-    (a stand-in in tests).
+def choose_execution_providers(device: str, ort=None, *, openvino_precision: str = "bf16", threads: int = 0) -> list:
+    """The providers for DEVICE (`cpu`, `cuda`, `auto` or `openvino`), in priority order, as ONNX Runtime takes
+    them (a name, or (name, options)); `ort` is the onnxruntime module (a stand-in in tests).
 
-    Raises DeviceError for `cuda` when the GPU cannot be used; logs a warning for `auto` in that case.
+    Raises DeviceError for `cuda` when the GPU cannot be used and for `openvino` when OpenVINO cannot; logs a
+    warning for `auto` when it falls back to the CPU.
     """
     if device not in DEVICES:
         raise ValueError(f"DEVICE must be one of {', '.join(DEVICES)}, not {device!r}")
@@ -55,6 +66,8 @@ def choose_execution_providers(device: str, ort=None) -> list[str]:
         return [CPU]
     if ort is None:
         import onnxruntime as ort
+    if device == "openvino":
+        return [openvino_provider(ort, openvino_precision, threads), CPU]
     problems = cuda_problems(ort)
     if not problems:
         logger.info("DEVICE=%s: ONNX Runtime's CUDA execution provider runs the models", device)
@@ -114,17 +127,54 @@ def preload_cuda_libraries(ort) -> list[str]:
     return failed
 
 
-def _probe(ort) -> str | None:
-    """Run a one-node model on [CUDA, CPU]; None when CUDA ran it, else what happened instead."""
+def openvino_provider(ort, precision: str, threads: int = 0, cpu_flags: set[str] | None = None) -> tuple[str, dict]:
+    """OpenVINO's provider entry, on the CPU, computing in `precision` ("bf16" or "f32"); DeviceError when this
+    ONNX Runtime has no OpenVINO provider or OpenVINO does not start (ONNX Runtime then quietly uses the CPU).
+
+    bf16 needs AVX512_BF16 or AMX; on a CPU without either the provider computes in f32, with a warning.
+    """
+    if OPENVINO not in ort.get_available_providers():
+        raise DeviceError(
+            f"DEVICE=openvino, but this ONNX Runtime ({_build_name(ort)}) has no OpenVINO execution provider: "
+            + _OPENVINO_INSTALL_HINT
+        )
+    flags = cpu_flags if cpu_flags is not None else _cpu_flags()
+    if precision == "bf16" and not flags & set(BF16_CPU_FLAGS):
+        logger.warning(
+            "OPENVINO_PRECISION=bf16, but this CPU has neither %s: OpenVINO computes in f32", " nor ".join(BF16_CPU_FLAGS)
+        )
+        precision = "f32"
+    options = {"device_type": "CPU", "load_config": json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": precision}})}
+    if threads:
+        options["num_of_threads"] = str(threads)
+    failure = _probe(ort, (OPENVINO, options))
+    if failure is not None:
+        raise DeviceError(f"DEVICE=openvino, but OpenVINO cannot be used: {failure}")
+    logger.info("DEVICE=openvino: ONNX Runtime's OpenVINO execution provider runs the models on the CPU in %s", precision)
+    return OPENVINO, options
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them; empty elsewhere."""
     try:
-        session = ort.InferenceSession(_probe_model(), providers=[CUDA, CPU])
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def _probe(ort, provider=CUDA) -> str | None:
+    """Run a one-node model on [provider, CPU]; None when the provider ran it, else what happened instead."""
+    name = provider if isinstance(provider, str) else provider[0]
+    try:
+        session = ort.InferenceSession(_probe_model(), providers=[provider, CPU])
         active = session.get_providers()
-        if CUDA in active:
+        if name in active:
             session.run(None, {"x": np.arange(4, dtype=np.float32)})
             return None
     except Exception as error:  # noqa: BLE001  (ONNX Runtime raises its own types, e.g. when CUDA_PATH is set)
-        return f"ONNX Runtime could not start its CUDA provider ({type(error).__name__}: {error})"
-    return f"ONNX Runtime started {', '.join(active)} instead of {CUDA}"
+        return f"ONNX Runtime could not start its {name} ({type(error).__name__}: {error})"
+    return f"ONNX Runtime started {', '.join(active)} instead of {name}"
 
 
 def _probe_model() -> bytes:
@@ -185,7 +235,7 @@ def provider_library_problem(ort) -> str | None:
 def _build_name(ort) -> str:
     from importlib import metadata
 
-    for distribution in ("onnxruntime-gpu", "onnxruntime"):
+    for distribution in ("onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime"):
         try:
             return f"{distribution} {metadata.version(distribution)}"
         except metadata.PackageNotFoundError:

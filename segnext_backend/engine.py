@@ -12,6 +12,7 @@ same code runs with the features in host memory, which is how the tests exercise
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -107,6 +108,13 @@ def feature_device(active_providers: list[str]) -> str:
     return "cuda" if active_providers and active_providers[0] == "CUDAExecutionProvider" else "cpu"
 
 
+def openvino_precision(provider: str, options: dict) -> str | None:
+    """What OpenVINO computes in ("bf16", "f32") when it runs the session; None under another provider."""
+    if provider != "OpenVINOExecutionProvider":
+        return None
+    return json.loads(options.get("load_config") or "{}").get("CPU", {}).get("INFERENCE_PRECISION_HINT", "f32")
+
+
 class SegNextEngine:
     def __init__(
         self,
@@ -126,17 +134,28 @@ class SegNextEngine:
         default; the decoder's arena (~2.2 GB) makes each click ~20 % faster, so it is on.
         """
         providers = providers or ["CPUExecutionProvider"]
+        # A provider is a name, or (name, options) as ONNX Runtime accepts it (device.py builds OpenVINO's so).
+        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        wanted_options = {} if isinstance(providers[0], str) else providers[0][1]
         self.encoder = _load(Path(encoder_path), _session_options(intra_op_threads, encoder_memory_arena), providers)
         check_interface(self.encoder, str(encoder_path), ENCODER_INPUTS, ENCODER_OUTPUTS)
         self.decoder = _load(Path(decoder_path), _session_options(intra_op_threads, decoder_memory_arena), providers)
         check_interface(self.decoder, str(decoder_path), DECODER_INPUTS, DECODER_OUTPUTS)
-        # The providers that really run the models: ONNX Runtime falls back to the CPU quietly when CUDA cannot
-        # start (device.py checks before loading; this is what /health reports).
+        # The providers that really run the models: ONNX Runtime falls back to the CPU quietly when CUDA or OpenVINO
+        # cannot start (device.py checks before loading; this is what /health reports).
         self.execution_providers = self.decoder.get_providers()
-        if providers[0] not in self.execution_providers:
-            logger.warning("%s could not be started; running on %s", providers[0], ", ".join(self.execution_providers))
+        if wanted not in self.execution_providers:
+            logger.warning("%s could not be started; running on %s", wanted, ", ".join(self.execution_providers))
+        self.openvino_precision = openvino_precision(
+            self.execution_providers[0], wanted_options if wanted in self.execution_providers else {}
+        )
         self.feature_device = feature_device(self.execution_providers)
-        logger.info("execution provider: %s (image features on %s)", self.execution_providers[0], self.feature_device)
+        logger.info(
+            "execution provider: %s%s (image features on %s)",
+            self.execution_providers[0],
+            f", computing in {self.openvino_precision}" if self.openvino_precision else "",
+            self.feature_device,
+        )
         self.files = {
             role: ModelFileInfo(
                 path=str(path),

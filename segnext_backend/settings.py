@@ -20,7 +20,8 @@ DEFAULT_MODEL_URL = (
 DEFAULT_MODEL_SHA256 = "87936f12f815e05c6f601be5e46d69ce2e52c788ae2c26ec7e3db39d33780857"
 
 MIB = 1024 * 1024
-DEVICES = ("cpu", "cuda", "auto")  # segnext_backend/device.py says what each means
+DEVICES = ("cpu", "cuda", "auto", "openvino")  # segnext_backend/device.py says what each means
+OPENVINO_PRECISIONS = ("bf16", "f32")
 
 # The region kinds the backend can answer, by the name REGION_CONTROL_ORDER uses for each.
 REGION_KINDS = ("brush", "polygon", "rectangle")
@@ -117,8 +118,12 @@ class Settings:
     feature_disk_cache_dir: str = ""
     feature_disk_cache_bytes: int = 4096 * MIB
     # "cpu"; "cuda": ONNX Runtime's CUDA execution provider or refuse to start; "auto": the GPU when it works,
-    # else the CPU with a warning (segnext_backend/device.py).
+    # else the CPU with a warning; "openvino": ONNX Runtime's OpenVINO execution provider on the CPU (its own
+    # build of ONNX Runtime, requirements-openvino.txt) or refuse to start (segnext_backend/device.py).
     device: str = "cpu"
+    # What OpenVINO computes in: "bf16" (where the CPU has AVX512_BF16 or AMX; elsewhere f32, with a warning)
+    # or "f32". Only with DEVICE=openvino.
+    openvino_precision: str = "bf16"
     # How many decoder runs may go at once; the rest wait their turn (each holds ~1 GB on SegNext).
     max_concurrent_decodes: int = 1
     # Redis shared by every backend process (redis://host:6379/0): image features and object click states are
@@ -183,6 +188,9 @@ class Settings:
         device = text("DEVICE", defaults.device).lower()
         if device not in DEVICES:
             raise SettingsError(f"DEVICE={device!r} must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}")
+        openvino_precision = text("OPENVINO_PRECISION", defaults.openvino_precision).lower()
+        if openvino_precision not in OPENVINO_PRECISIONS:
+            raise SettingsError(f"OPENVINO_PRECISION={openvino_precision!r} must be {' or '.join(OPENVINO_PRECISIONS)}")
         order = tuple(kind.strip().lower() for kind in (text("REGION_CONTROL_ORDER", "") or ",".join(REGION_KINDS)).split(","))
         if not set(order) <= set(REGION_KINDS) or len(set(order)) != len(order):
             raise SettingsError(
@@ -238,6 +246,7 @@ class Settings:
             max_label_config_bytes=number("MAX_LABEL_CONFIG_BYTES", defaults.max_label_config_bytes, int, 1),
             intra_op_threads=number("ORT_INTRA_OP_THREADS", defaults.intra_op_threads, int, 0),
             device=device,
+            openvino_precision=openvino_precision,
             encoder_memory_arena=flag("ORT_ENCODER_MEMORY_ARENA", defaults.encoder_memory_arena),
             decoder_memory_arena=flag("ORT_DECODER_MEMORY_ARENA", defaults.decoder_memory_arena),
             feature_disk_cache_dir=text("FEATURE_DISK_CACHE_DIR", ""),

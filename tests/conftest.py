@@ -71,9 +71,50 @@ def image_server():
     httpd.server_close()
 
 
+def onnxruntime_build_python(venv: Path, requirements_file: str, package: str, provider: str) -> Path:
+    """The python of a virtual environment with another build of ONNX Runtime (`package`, from
+    `requirements_file`) in place of requirements.txt's, made as the Dockerfile makes that image, and remade
+    only when a requirements file changes. Checks that the pins install together and that `provider` is there."""
+    import hashlib
+    import shutil
+
+    def run(command: list, **kwargs) -> subprocess.CompletedProcess:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200, **kwargs)
+        assert result.returncode == 0, f"{command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        return result
+
+    requirements = ("requirements.txt", "requirements-no-deps.txt", requirements_file)
+    wanted = hashlib.sha256(b"".join((ROOT / name).read_bytes() for name in requirements) + sys.version.encode()).hexdigest()
+    stamp = venv / ".installed-build"
+    python = venv / "bin" / "python"
+    if stamp.is_file() and stamp.read_text() == wanted:
+        return python
+    shutil.rmtree(venv, ignore_errors=True)
+    run(["bash", "scripts/install.sh"], env={**os.environ, "VENV": str(venv), "PYTHON": sys.executable})
+    pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
+    run([*pip, "uninstall", "--yes", "onnxruntime"])  # as the Dockerfile does for such an image
+    run([*pip, "install", "--quiet", package])
+    conflicts = subprocess.run([*pip, "check"], capture_output=True, text=True).stdout.splitlines()
+    assert [line for line in conflicts if not line.startswith("label-studio-ml ")] in ([], ["No broken requirements found."])
+    build = run([str(python), "-c", "import onnxruntime as o; print(o.get_available_providers())"]).stdout
+    assert provider in build, build
+    stamp.write_text(wanted)
+    return python
+
+
 @pytest.fixture(scope="session")
 def test_model_paths(tmp_path_factory) -> tuple[Path, Path]:
     return build_demo_models(tmp_path_factory.mktemp("test-models"))
+
+
+@pytest.fixture(scope="session")
+def shallow_models(tmp_path_factory) -> tuple[Path, Path]:
+    """The shallow SegNext export as built (random weights, no bias shift): (encoder path, decoder path)."""
+    pytest.importorskip("torch")
+    from tools.build_benchmark_models import export_models
+    from tools.segnext_arch import SegNextConfig, SegNextModel
+
+    return export_models(SegNextModel(SegNextConfig.shallow(), seed=0), tmp_path_factory.mktemp("shallow"))
 
 
 @pytest.fixture(scope="session")

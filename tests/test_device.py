@@ -1,14 +1,17 @@
-"""DEVICE=cpu|cuda|auto (segnext_backend/device.py), against a stand-in onnxruntime module that plays each way
-a GPU set-up can fail: no CUDA provider in the build, libraries that preload_dlls cannot load, a session that
-falls back to the CPU quietly, a session that raises. tests/test_gpu_build.py runs the real GPU build."""
+"""DEVICE=cpu|cuda|auto|openvino (segnext_backend/device.py), against a stand-in onnxruntime module that plays
+each way a GPU or OpenVINO set-up can fail: no such provider in the build, libraries that preload_dlls cannot
+load, a session that falls back to the CPU quietly, a session that raises. tests/test_gpu_build.py and
+tests/test_openvino_build.py run the real builds."""
 
 from __future__ import annotations
 
+import json
 import logging
+
 import pytest
 
 from segnext_backend import device
-from segnext_backend.device import CPU, CUDA, DeviceError, choose_execution_providers
+from segnext_backend.device import CPU, CUDA, OPENVINO, DeviceError, choose_execution_providers, openvino_provider
 from segnext_backend.settings import Settings, SettingsError
 
 
@@ -17,7 +20,8 @@ class FakeSession:
         fake.calls.append(("session", list(providers)))
         if fake.session_error:
             raise fake.session_error
-        self.providers = [p for p in providers if p in fake.working]
+        names = [p if isinstance(p, str) else p[0] for p in providers]  # a name, or (name, options)
+        self.providers = [name for name in names if name in fake.working]
         self.fake = fake
 
     def get_providers(self):
@@ -139,10 +143,10 @@ def test_the_probe_model_runs_on_the_real_cpu_build():
     assert y.tolist() == [0.0, 2.0, 4.0, 6.0]
 
 
-def test_the_device_setting_takes_cpu_cuda_and_auto_only():
-    for value in ("cpu", "cuda", "auto", " AUTO "):
+def test_the_device_setting_takes_cpu_cuda_auto_and_openvino_only():
+    for value in ("cpu", "cuda", "auto", " AUTO ", "openvino"):
         assert Settings.from_env({"DEVICE": value}).device == value.strip().lower()
-    with pytest.raises(SettingsError, match="DEVICE='gpu' must be cpu, cuda or auto"):
+    with pytest.raises(SettingsError, match="DEVICE='gpu' must be cpu, cuda, auto or openvino"):
         Settings.from_env({"DEVICE": "gpu"})
     assert Settings().device == "cpu"
 
@@ -151,6 +155,7 @@ def test_health_names_the_active_execution_provider(make_client):
     client, _ = make_client(device="auto")
     health = client.get("/health").get_json()
     assert health["device"] == "auto" and health["execution_provider"] == CPU
+    assert health["openvino_precision"] is None
 
 
 def test_the_driver_check_on_a_machine_without_a_driver():
@@ -182,3 +187,42 @@ def test_the_provider_library_check_names_a_missing_cuda_library_but_leaves_the_
     # The GPU image without --gpus: every CUDA library is there but the driver's; no advice to reinstall.
     loader_says["error"] = "libcuda.so.1: cannot open shared object file: No such file or directory"
     assert device.provider_library_problem(fake) is None
+
+
+OPENVINO_BUILD = dict(available=[OPENVINO, CPU], working=[OPENVINO, CPU])
+
+
+def test_openvino_computes_in_bf16_where_the_cpu_has_it():
+    fake = FakeOnnxRuntime(**OPENVINO_BUILD)
+    name, options = openvino_provider(fake, "bf16", threads=2, cpu_flags={"avx512f", "avx512_bf16"})
+    assert name == OPENVINO
+    assert json.loads(options["load_config"]) == {"CPU": {"INFERENCE_PRECISION_HINT": "bf16"}}
+    assert options["device_type"] == "CPU" and options["num_of_threads"] == "2"
+    assert ("run", OPENVINO) in fake.calls  # probed before the real models load
+    _, options = openvino_provider(fake, "f32", cpu_flags={"amx_bf16"})
+    assert json.loads(options["load_config"])["CPU"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert "num_of_threads" not in options  # 0: OpenVINO's own default
+
+
+def test_openvino_bf16_on_a_cpu_without_it_computes_in_f32_and_says_so(caplog):
+    with caplog.at_level(logging.WARNING):
+        _, options = openvino_provider(FakeOnnxRuntime(**OPENVINO_BUILD), "bf16", cpu_flags={"avx2", "avx512f"})
+    assert json.loads(options["load_config"])["CPU"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert "neither avx512_bf16 nor amx_bf16: OpenVINO computes in f32" in caplog.text
+
+
+def test_openvino_refuses_without_the_openvino_build_or_when_it_falls_back():
+    with pytest.raises(DeviceError, match="no OpenVINO execution provider.*requirements-openvino.txt"):
+        choose_execution_providers("openvino", FakeOnnxRuntime(**CPU_BUILD))
+    quiet_fallback = FakeOnnxRuntime(available=[OPENVINO, CPU], working=[CPU])
+    with pytest.raises(DeviceError, match=f"started {CPU} instead of {OPENVINO}"):
+        choose_execution_providers("openvino", quiet_fallback)
+    providers = choose_execution_providers("openvino", FakeOnnxRuntime(**OPENVINO_BUILD), openvino_precision="f32")
+    assert [p if isinstance(p, str) else p[0] for p in providers] == [OPENVINO, CPU]
+
+
+def test_openvino_precision_setting():
+    assert Settings.from_env({}).openvino_precision == "bf16"
+    assert Settings.from_env({"OPENVINO_PRECISION": "F32", "DEVICE": "openvino"}).openvino_precision == "f32"
+    with pytest.raises(SettingsError, match="OPENVINO_PRECISION='fp8' must be bf16 or f32"):
+        Settings.from_env({"OPENVINO_PRECISION": "fp8"})

@@ -10,10 +10,7 @@ on the CPU and says so in /health, and `DEVICE=cuda` refuses to start, naming th
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +18,13 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import (
-    ROOT, backend_env, click_on, decode_region, encode_png, free_port, iou, make_scene, predict_body, wait_until_healthy,
+    ROOT, backend_env, click_on, decode_region, encode_png, free_port, iou, make_scene, onnxruntime_build_python,
+    predict_body, wait_until_healthy,
 )
 
 from segnext_backend import device
 
 GPU_VENV = ROOT / ".cache" / "venv-onnxruntime-gpu"
-REQUIREMENTS = ("requirements.txt", "requirements-no-deps.txt", "requirements-gpu.txt")
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or device.driver_problem() is None,
@@ -43,33 +40,10 @@ def onnxruntime_gpu_without_extras() -> str:
     raise AssertionError("requirements-gpu.txt pins no onnxruntime-gpu")
 
 
-def run(command: list, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200, **kwargs)
-    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
 @pytest.fixture(scope="module")
 def gpu_python() -> Path:
     """The python of the GPU-build environment, made (or remade, when a requirements file changed) first."""
-    wanted = hashlib.sha256(
-        b"".join((ROOT / name).read_bytes() for name in REQUIREMENTS) + sys.version.encode()
-    ).hexdigest()
-    stamp = GPU_VENV / ".installed-gpu-build"
-    python = GPU_VENV / "bin" / "python"
-    if stamp.is_file() and stamp.read_text() == wanted:
-        return python
-    shutil.rmtree(GPU_VENV, ignore_errors=True)
-    run(["bash", "scripts/install.sh"], env={**os.environ, "VENV": str(GPU_VENV), "PYTHON": sys.executable})
-    pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
-    run([*pip, "uninstall", "--yes", "onnxruntime"])  # as the Dockerfile's GPU build does
-    run([*pip, "install", "--quiet", onnxruntime_gpu_without_extras()])
-    conflicts = subprocess.run([*pip, "check"], capture_output=True, text=True).stdout.splitlines()
-    assert [line for line in conflicts if not line.startswith("label-studio-ml ")] in ([], ["No broken requirements found."])
-    build = run([str(python), "-c", "import onnxruntime as o; print(o.get_available_providers())"]).stdout
-    assert "CUDAExecutionProvider" in build, build
-    stamp.write_text(wanted)
-    return python
+    return onnxruntime_build_python(GPU_VENV, "requirements-gpu.txt", onnxruntime_gpu_without_extras(), "CUDAExecutionProvider")
 
 
 def test_device_auto_preloads_the_libraries_then_serves_a_right_click_on_the_cpu(gpu_python, image_server, tmp_path):

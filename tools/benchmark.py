@@ -1,6 +1,6 @@
 """Where the time of a click goes, measured side by side in one run, on SegNext-sized models.
 
-    python -m tools.benchmark --models models/bench [--threads 0] [--runs 5] [--device cuda]
+    python -m tools.benchmark --models models/bench [--threads 0] [--runs 5] [--device cuda|openvino]
     python -m tools.benchmark --models models/bench --redis      # what REDIS_URL adds to a click
 
 Builds the random-weight benchmark models first when they are missing (tools.build_benchmark_models).
@@ -185,7 +185,7 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
     from segnext_backend.settings import Settings
 
     encoder_path, decoder_path = ensure_models(models)
-    providers = choose_execution_providers(device)  # --device cuda refuses to run without the GPU
+    providers = choose_execution_providers(device, threads=threads)  # cuda, openvino: refuse to run without them
     t0 = time.perf_counter()
     engine = SegNextEngine(encoder_path, decoder_path, intra_op_threads=threads, providers=providers)
     load_s = time.perf_counter() - t0
@@ -432,7 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=ROOT / "models" / "bench", help="folder with encoder.onnx and decoder.onnx")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per row (medians)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="as DEVICE: cuda needs onnxruntime-gpu")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda", "openvino"], default="cpu",
+        help="as DEVICE: cuda needs onnxruntime-gpu, openvino onnxruntime-openvino (bf16 where the CPU has it)",
+    )
     parser.add_argument("--ort-tuning", action="store_true", help="compare ONNX Runtime session options instead")
     parser.add_argument(
         "--redis", action="store_true", help="measure what REDIS_URL adds to a click instead (needs redis-server)"

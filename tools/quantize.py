@@ -1,27 +1,34 @@
 """Faster CPU variants of a SegNext encoder/decoder pair, and how they compare with float32.
 
-    python -m tools.quantize MODEL_DIR --out OUT_DIR                       # the recommended recipe
-    python -m tools.quantize MODEL_DIR --out OUT_DIR --recipe fused-attention
+    python -m tools.quantize MODEL_DIR --out OUT_DIR                       # the fastest recipe
+    python -m tools.quantize MODEL_DIR --out OUT_DIR --float32-outliers    # closer masks, less speed
+    python -m tools.quantize MODEL_DIR --out OUT_DIR --recipe exact        # float32, exact rewrites only
     python -m tools.quantize MODEL_DIR --out OUT_DIR --compare             # then times and compares both pairs
+    python -m tools.quantize MODEL_DIR --compare --device openvino         # OpenVINO (bf16) on the same files
     python -m tools.quantize OUT_DIR --peak-memory                         # peak RSS of serving one pair
 
 Writes OUT_DIR/encoder.onnx and OUT_DIR/decoder.onnx with SegNext's interface (float32 inputs and outputs),
 ready to serve: point MODEL_DIR at OUT_DIR. Nothing here is on by default: the backend serves whatever pair
-MODEL_DIR holds, float32 unless you put a variant there. Recipes (`--recipe`):
+MODEL_DIR holds, float32 unless you put a variant there. Recipes (`--recipe`); the graph rewrites they use
+are in tools/onnx_rewrites.py:
 
-- `fused-attention`: every attention (Q.K^T, softmax, .V) becomes ONNX Runtime's MultiHeadAttention
-  kernel, which never writes the 12 x 4096 x 4096 score matrix of a global attention (flash attention on the
-  CPU). Exact up to float rounding; no calibration.
-- `int8`: static int8 (QDQ): weights of MatMul, Conv and ConvTranspose int8 per output channel, activations
-  uint8 with ranges calibrated on representative inputs; the attention products (Q.K^T and softmax.V) are
-  MatMuls between activations and are quantised too. Transposed convolutions whose kernel equals their
-  stride are first rewritten, exactly, as a 1x1 Conv + DepthToSpace (ONNX Runtime has no int8
-  ConvTranspose). Kept float32: the embeddings (the first Conv after an input), the last Conv before an
-  output (the decoder's logits), and every node that reads an
-  activation whose calibrated peak is more than 40x its RMS (one uint8 scale cannot hold both).
-- `int8+fused-attention`: attention fused (float32, flash), everything else as `int8`.
-- `int8-dynamic`: the earlier recipe: MatMul/Gemm weights int8, activations quantised per run, no
-  calibration.
+- `int8+fused-attention` (the default): every attention becomes ONNX Runtime's MultiHeadAttention kernel
+  (float32; it never writes the 12 x 4096 x 4096 score matrix of a global attention), and everything else
+  that carries weights is static int8 (QDQ): MatMul, Conv and ConvTranspose weights int8 per output channel,
+  activations uint8 with ranges calibrated on representative inputs, and the Concat, Resize and
+  DepthToSpace between them moving uint8. Transposed convolutions whose kernel equals their stride become,
+  exactly, a 1x1 Conv + DepthToSpace (ONNX Runtime has no int8 ConvTranspose). Convolutions that read a
+  tensor with a few huge pixels (peak over 10x its RMS; SegNext's neck reads the residual stream, where a
+  click's tokens dwarf the rest) read it scaled per pixel, where it has at most 64x64 pixels. Kept float32:
+  the embeddings, the logits conv and what lies between them and the graph's inputs and outputs.
+- `int8+fused-attention --float32-outliers`: also keeps float32 every int8 candidate still reading a tensor
+  whose peak is over 40x its RMS, and distributes the head's fusion conv over its concatenation (so that,
+  float32, it costs a quarter). Masks closer to float32, less speed.
+- `exact`: only the rewrites that change nothing beyond float rounding: attention fused, the head's fusion
+  conv distributed. No calibration.
+- `fused-attention`: the attention fused, nothing else.
+- `int8`: as the default but the attention unfused, its products (Q.K^T, softmax.V) int8 too.
+- `int8-dynamic`: MatMul/Gemm weights int8, activations quantised per run, no calibration.
 
 Calibration (the static recipes) runs the float32 pair on `--calibration-images` (a folder of images; by
 default photo-like synthetic ones) with a simulated click session per image: the encoder is calibrated on
@@ -51,165 +58,27 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-RECIPES = ("int8+fused-attention", "int8", "fused-attention", "int8-dynamic")
+from tools.onnx_rewrites import (  # noqa: E402
+    distribute_concat_convs,
+    fold_identity_initializers,
+    fuse_attention,
+    patchify_conv_transposes,
+    scale_outlier_readers,
+)
+
+RECIPES = ("int8+fused-attention", "exact", "fused-attention", "int8", "int8-dynamic")
 DEFAULT_RECIPE = "int8+fused-attention"
 ROLES = ("encoder", "decoder")
-STATIC_OP_TYPES = ["MatMul", "Conv", "ConvTranspose"]
+WEIGHTED_OP_TYPES = ["MatMul", "Conv", "ConvTranspose"]
+# Between two int8 nodes these move uint8 values instead of float32 ones: their calibrated output range is their
+# input's, so the quantiser gives both the same scale and ONNX Runtime runs them on uint8.
+REARRANGING_OP_TYPES = ["Concat", "Resize", "DepthToSpace"]
+STATIC_OP_TYPES = WEIGHTED_OP_TYPES + REARRANGING_OP_TYPES
 DYNAMIC_OP_TYPES = ["MatMul", "Gemm"]
-MSFT_DOMAIN = "com.microsoft"
 OUTLIER_PEAK_TO_RMS = 40.0  # see outlier_readers
+SCALE_PEAK_TO_RMS = 10.0  # see onnx_rewrites.scale_outlier_readers; a Gaussian tensor of 3 M values reads ~5
 CALIBRATION_CLICKS = 3  # clicks per calibration image for the decoder
 FIRST_EVAL_SEED = 1000  # evaluation images never share a seed with the calibration ones
-
-
-# -- attention fusion -------------------------------------------------------------------------------------------
-
-
-def _constant_values(graph) -> dict:
-    """Tensor name -> numpy value, for initializers and Constant nodes."""
-    from onnx import numpy_helper
-
-    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-    return values
-
-
-def _scalar(values: dict, name: str) -> float | None:
-    value = values.get(name)
-    return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
-
-
-def _drop_unused_constants(graph) -> None:
-    """Remove initializers and Constant nodes that no node reads any more."""
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    nodes = [n for n in graph.node if n.op_type != "Constant" or any(o in used for o in n.output)]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-
-
-def fuse_attention(model):
-    """Replace every `softmax(scale * Q @ K^T) @ V` on (B, heads, S, head_size) tensors by MultiHeadAttention.
-
-    Works on the graph as an exporter writes it, whatever produced Q, K and V: the pattern is anchored on the
-    Softmax (last axis) between two MatMuls, K^T must be a Transpose swapping the last two axes, and the scale
-    a scalar Mul or Div on Q or on the scores. Q, K and V are brought to (B, S, heads * head_size) and the
-    output back to (B, heads, S, head_size), so everything around the attention is unchanged. Returns the
-    number of attentions fused.
-    """
-    import onnx
-    from onnx import helper
-
-    graph = model.graph
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {
-        vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)
-    }
-    values = _constant_values(graph)
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-
-    def only_consumer(name: str):
-        users = consumers.get(name, [])
-        graph_outputs = {o.name for o in graph.output}
-        return users[0] if len(users) == 1 and name not in graph_outputs else None
-
-    def scaled(name: str) -> tuple[str, float, object | None]:
-        """(tensor before a scalar Mul/Div, the scale, that node) or (name, 1.0, None)."""
-        node = producer.get(name)
-        if node is not None and node.op_type in ("Mul", "Div") and only_consumer(name) is not None:
-            for i, other in ((0, 1), (1, 0)):
-                factor = _scalar(values, node.input[other])
-                if factor is not None and (node.op_type == "Mul" or other == 1):
-                    return node.input[i], factor if node.op_type == "Mul" else 1.0 / factor, node
-        return name, 1.0, None
-
-    removed, added, fused = set(), [], 0
-    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
-        axis = next((a.i for a in softmax.attribute if a.name == "axis"), -1)
-        rank = len(shapes.get(softmax.input[0], []))
-        if rank != 4 or axis not in (-1, 3):
-            continue
-        scores, score_scale, score_scaler = scaled(softmax.input[0])
-        qk = producer.get(scores)
-        pv = only_consumer(softmax.output[0])
-        if qk is None or qk.op_type != "MatMul" or pv is None or pv.op_type != "MatMul" or pv.input[0] != softmax.output[0]:
-            continue
-        if score_scaler is not None and only_consumer(scores) is None:
-            continue
-        key_t = producer.get(qk.input[1])
-        perm = next((list(a.ints) for a in key_t.attribute if a.name == "perm"), None) if key_t is not None else None
-        if key_t is None or key_t.op_type != "Transpose" or perm != [0, 1, 3, 2] or only_consumer(qk.input[1]) is None:
-            continue
-        query, query_scale, query_scaler = scaled(qk.input[0])
-        key, value = key_t.input[0], pv.input[1]
-        q_shape, k_shape, v_shape = shapes.get(query), shapes.get(key), shapes.get(value)
-        if not all(s and len(s) == 4 and all(d for d in s) for s in (q_shape, k_shape, v_shape)):
-            continue
-        heads = q_shape[1]
-        tag = pv.name or pv.output[0]
-        nodes = []
-        bsd = {}
-        for role, tensor in (("query", query), ("key", key), ("value", value)):
-            transposed, flat = f"{tag}/fused_{role}_bsnh", f"{tag}/fused_{role}_bsd"
-            nodes.append(helper.make_node("Transpose", [tensor], [transposed], perm=[0, 2, 1, 3]))
-            nodes.append(helper.make_node("Reshape", [transposed, f"{tag}/fused_flat_shape"], [flat]))
-            bsd[role] = flat
-        attended = f"{tag}/fused_attention_bsd"
-        nodes.append(
-            helper.make_node(
-                "MultiHeadAttention",
-                [bsd["query"], bsd["key"], bsd["value"]],
-                [attended],
-                domain=MSFT_DOMAIN,
-                num_heads=heads,
-                scale=query_scale * score_scale,
-            )
-        )
-        # ONNX's shape inference does not know com.microsoft ops: declare the output, so that the tensors after
-        # it keep their types and shapes (the quantiser only calibrates tensors whose type it knows).
-        graph.value_info.append(
-            helper.make_tensor_value_info(attended, onnx.TensorProto.FLOAT, [q_shape[0], q_shape[2], heads * v_shape[3]])
-        )
-        nodes.append(helper.make_node("Reshape", [attended, f"{tag}/fused_split_shape"], [f"{tag}/fused_bsnh"]))
-        nodes.append(helper.make_node("Transpose", [f"{tag}/fused_bsnh"], [pv.output[0]], perm=[0, 2, 1, 3]))
-        graph.initializer.extend(
-            [
-                onnx.numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{tag}/fused_flat_shape"),
-                onnx.numpy_helper.from_array(np.array([0, 0, heads, -1], np.int64), f"{tag}/fused_split_shape"),
-            ]
-        )
-        for old in (softmax, qk, pv, key_t, score_scaler, query_scaler):
-            if old is not None:
-                removed.add(id(old))
-        added.append((pv, nodes))
-        fused += 1
-    if not fused:
-        return 0
-    # Keep the graph topologically sorted: the new nodes go where the second MatMul was.
-    replacement = {id(pv): nodes for pv, nodes in added}
-    new_nodes = []
-    for node in graph.node:
-        if id(node) in replacement:
-            new_nodes.extend(replacement[id(node)])
-        elif id(node) not in removed:
-            new_nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    _drop_unused_constants(graph)  # the scale constants went with their Mul
-    if not any(opset.domain == MSFT_DOMAIN for opset in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MSFT_DOMAIN, 1))
-    return fused
 
 
 # -- calibration inputs -----------------------------------------------------------------------------------------
@@ -292,81 +161,6 @@ def _save(model, target: Path) -> None:
         onnx.save_model(model, str(tmp))
 
 
-def fold_identity_initializers(model) -> int:
-    """Give every `Identity(initializer)` output its own initializer and drop the Identity.
-
-    The TorchScript exporter shares equal constants (zero biases, unit norms) through Identity nodes; the
-    quantiser only quantises a bias that is an initializer, and a Conv whose bias stays float cannot become an
-    int8 Conv. Returns the number of Identity nodes folded.
-    """
-    from onnx import numpy_helper
-
-    graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    folded = []
-    for node in graph.node:
-        if node.op_type == "Identity" and node.input[0] in initializers and node.output[0] not in {o.name for o in graph.output}:
-            graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(initializers[node.input[0]]), node.output[0]))
-            folded.append(node)
-    for node in folded:
-        graph.node.remove(node)
-    return len(folded)
-
-
-def patchify_conv_transposes(model) -> int:
-    """Rewrite every ConvTranspose whose kernel equals its stride as a 1x1 Conv followed by DepthToSpace.
-
-    Such a transposed convolution (SegNext's neck upsamples this way) writes each output pixel from one input
-    pixel: output[o, 2i+di, 2j+dj] = sum_c x[c, i, j] W[c, o, di, dj] + b[o], which is a 1x1 convolution to
-    o x 2 x 2 channels rearranged by DepthToSpace (CRD). Exact; ONNX Runtime has an int8 kernel for Conv
-    but not for ConvTranspose. Returns the number of nodes rewritten.
-    """
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    initializers = {init.name: init for init in graph.initializer}
-    rewritten = 0
-    new_nodes = []
-    for node in graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        weight = initializers.get(node.input[1]) if node.op_type == "ConvTranspose" and len(node.input) > 1 else None
-        if weight is None or len(weight.dims) != 4:
-            new_nodes.append(node)
-            continue
-        kernel = list(attrs.get("kernel_shape", weight.dims[2:]))
-        stride = list(attrs.get("strides", [1, 1]))
-        plain = (
-            kernel == stride == [kernel[0]] * 2
-            and attrs.get("group", 1) == 1
-            and not any(attrs.get("pads", [0])) and not any(attrs.get("output_padding", [0]))
-            and all(d == 1 for d in attrs.get("dilations", [1, 1]))
-            and "output_shape" not in attrs and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
-        )
-        if not plain:
-            new_nodes.append(node)
-            continue
-        block = kernel[0]
-        w = numpy_helper.to_array(weight)  # (C_in, C_out, k, k)
-        c_in, c_out = w.shape[:2]
-        tag = node.name or node.output[0]
-        conv_weight = numpy_helper.from_array(
-            np.ascontiguousarray(w.transpose(1, 2, 3, 0).reshape(c_out * block * block, c_in, 1, 1)), f"{tag}/as_conv_weight"
-        )
-        inputs = [node.input[0], conv_weight.name]
-        graph.initializer.append(conv_weight)
-        if len(node.input) > 2 and node.input[2]:
-            bias = numpy_helper.to_array(initializers[node.input[2]])
-            graph.initializer.append(numpy_helper.from_array(np.repeat(bias, block * block), f"{tag}/as_conv_bias"))
-            inputs.append(f"{tag}/as_conv_bias")
-        new_nodes.append(helper.make_node("Conv", inputs, [f"{tag}/as_conv"], name=f"{tag}/as_conv", kernel_shape=[1, 1]))
-        new_nodes.append(helper.make_node("DepthToSpace", [f"{tag}/as_conv"], [node.output[0]], blocksize=block, mode="CRD"))
-        rewritten += 1
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    _drop_unused_constants(graph)  # the transposed weights
-    return rewritten
-
-
 def _tensors_to_calibrate(model) -> dict[str, int]:
     """Float activations read or written by the ops to quantise, in graph order -> their size in bytes (0: unknown)."""
     import onnx
@@ -430,8 +224,14 @@ def calibrate_ranges(model_path: Path, feeds: list[dict], chunk_bytes: int = 1 <
                 out = f"{name}/calibration_{op}"
                 model.graph.node.append(helper.make_node(op, [name], [out], keepdims=0))
                 outputs.append(out)
+            # The element count at run time: shape inference leaves the sizes behind dynamic Reshapes unknown.
+            model.graph.node.append(helper.make_node("Size", [name], [f"{name}/calibration_Size"]))
+            outputs.append(f"{name}/calibration_Size")
         del model.graph.output[:]
-        model.graph.output.extend(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, []) for o in outputs)
+        model.graph.output.extend(
+            helper.make_tensor_value_info(o, onnx.TensorProto.INT64 if o.endswith("_Size") else onnx.TensorProto.FLOAT, [])
+            for o in outputs
+        )
         serialized = model.SerializeToString()
         session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
         del serialized
@@ -440,11 +240,11 @@ def calibrate_ranges(model_path: Path, feeds: list[dict], chunk_bytes: int = 1 <
         model.graph.output.extend(original_outputs)
         for feed in feeds:
             values = session.run(outputs, feed)
-            for name, low, high, sum_square in zip(chunk, values[0::3], values[1::3], values[2::3]):
+            for name, low, high, sum_square, size in zip(chunk, values[0::4], values[1::4], values[2::4], values[3::4]):
                 seen = ranges.setdefault(name, [float(low), float(high)])
                 seen[0], seen[1] = min(seen[0], float(low)), max(seen[1], float(high))
-                if tensors[name] and sum_square > 0:
-                    rms = float(np.sqrt(float(sum_square) / (tensors[name] // 4)))
+                if size and sum_square > 0:
+                    rms = float(np.sqrt(float(sum_square) / int(size)))
                     ratio = max(abs(float(low)), abs(float(high))) / rms
                     peak_to_rms[name] = max(peak_to_rms.get(name, 0.0), ratio)
         del session
@@ -460,7 +260,9 @@ def outlier_readers(model, peak_to_rms: dict[str, float], limit: float = OUTLIER
 
     One uint8 scale per tensor spans the peak: with a peak 100x the RMS, typical values get 1-3 of the 256
     steps. SegNext's neck reads the transformer's residual stream, where a few tokens (a click's, or a
-    ViT's known massive activations) dwarf the rest; such nodes stay float32.
+    ViT's known massive activations) dwarf the rest, and its GroupNorms keep them that far above the rest
+    down to the head. `--float32-outliers` keeps such nodes float32 (those scale_outlier_readers did not
+    make safe).
     """
     outliers = {name for name, ratio in peak_to_rms.items() if ratio > limit}
     constants = {init.name for init in model.graph.initializer}
@@ -474,47 +276,84 @@ def outlier_readers(model, peak_to_rms: dict[str, float], limit: float = OUTLIER
 def edge_nodes(model) -> list[str]:
     """Names of the quantisable nodes next to the graph's inputs or outputs: they stay float32.
 
-    First: the Convs that read an input with no MatMul or Conv on the way (the embeddings). The decoder's
-    prompt embedding mixes channels of very different scales (the previous mask's probability beside the
-    click disks), which one int8 scale per output channel cannot hold; the encoder's reads raw pixels.
-    Last: the Convs whose output reaches a graph output with no MatMul or Conv on the way (the decoder's final
-    1x1 conv writes the logits, whose sign is the mask). Together ~2 % of the work.
+    First: the Convs that read an input with no MatMul or Conv on the way (the embeddings), and the
+    rearranging ops (Concat, Resize, ...) on that way. The decoder's prompt embedding mixes channels of very
+    different scales (the previous mask's probability beside the click disks), which one int8 scale per
+    output channel cannot hold; the encoder's reads raw pixels; the clicks' coordinates would lose 4 pixels
+    to a uint8 step. Last: the Conv whose output reaches a graph output with no MatMul or Conv on the way,
+    and the ops after it (the decoder's final 1x1 conv writes the logits, whose sign is the mask, and the
+    Resize to 1024x1024 carries them). Together ~2 % of the work.
     """
+    import onnx
+
     constants = {init.name for init in model.graph.initializer}
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    not_float = {  # shape arithmetic (int64): the quantiser leaves it alone anyway
+        info.name for info in list(inferred.value_info) + list(inferred.input)
+        if info.type.tensor_type.elem_type not in (0, onnx.TensorProto.FLOAT)
+    }
     raw = {i.name for i in model.graph.input}  # tensors computed from the inputs by no MatMul or Conv
     found = []
     for node in model.graph.node:  # graph order is topological
         data = [name for name in node.input if name and name not in constants]
         if node.op_type == "Conv" and node.input[0] in raw:
             found.append(node.name)
-        elif node.op_type not in STATIC_OP_TYPES and all(name in raw for name in data):
+        elif node.op_type in REARRANGING_OP_TYPES and any(name in raw for name in data):
+            found.append(node.name)
+            if all(name in raw for name in data):
+                raw.update(node.output)
+        elif node.op_type not in WEIGHTED_OP_TYPES and all(name in raw for name in data):
             raw.update(node.output)
     final = {o.name for o in model.graph.output}  # tensors that reach an output through no MatMul or Conv
     for node in reversed(model.graph.node):
         if any(name in final for name in node.output):
             if node.op_type == "Conv":
                 found.append(node.name)
-            elif node.op_type not in STATIC_OP_TYPES:
+            elif node.op_type not in WEIGHTED_OP_TYPES:
+                if node.op_type in REARRANGING_OP_TYPES:
+                    found.append(node.name)
                 final.update(name for name in node.input if name not in constants)
-    return list(dict.fromkeys(found))
+    by_name = {node.name: node for node in model.graph.node}
+    return list(dict.fromkeys(name for name in found if name and not set(by_name[name].output) & not_float))
 
 
-def _quantize_static(source: Path, target: Path, feeds: list[dict], scratch: Path, threads: int = 0, log=print) -> None:
+def _probe_feed(model) -> dict:
+    """Zeros of each graph input's shape (a dimension left open: 1), to learn the shapes inside a graph."""
+    import onnx
+
+    feed = {}
+    for graph_input in model.graph.input:
+        tensor_type = graph_input.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tensor_type.shape.dim]
+        feed[graph_input.name] = np.zeros(dims, onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    return feed
+
+
+def _quantize_static(model, target: Path, feeds: list[dict], scratch: Path, float32_outliers: bool, threads: int = 0, log=print) -> None:
+    """Calibrate, make the outlier readers safe, and write the QDQ int8 model of `model` (loaded, float32)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
-    import onnx
-
-    graph_only = onnx.load(str(source), load_external_data=False)
-    ranges, peak_to_rms = calibrate_ranges(source, feeds, threads=threads)
-    kept_float = list(dict.fromkeys(edge_nodes(graph_only) + outlier_readers(graph_only, peak_to_rms)))
-    log(f"{target.stem}: kept float32: {', '.join(kept_float) or 'nothing'}; highest peak/RMS: "
-        + ", ".join(f"{name} {ratio:.0f}" for name, ratio in sorted(peak_to_rms.items(), key=lambda kv: -kv[1])[:4]))
+    prepared = scratch / f"{target.stem}.onnx"
+    _save(model, prepared)
+    ranges, peak_to_rms = calibrate_ranges(prepared, feeds, threads=threads)
+    edges = edge_nodes(model)  # before the scaling adds paths from one node's output to another's input
+    spiky = {name for name, ratio in peak_to_rms.items() if ratio > SCALE_PEAK_TO_RMS}
+    scaled = scale_outlier_readers(model, spiky, _probe_feed(model), skip=set(edges))
+    # After the scaling, which reads a ConvTranspose as such; ONNX Runtime has no int8 ConvTranspose.
+    patchified = patchify_conv_transposes(model)
+    if scaled or patchified:
+        _save(model, prepared)
+        ranges, peak_to_rms = calibrate_ranges(prepared, feeds, threads=threads)
+    kept_float = edges + (outlier_readers(model, peak_to_rms) if float32_outliers else [])
+    kept_float = list(dict.fromkeys(kept_float))
+    log(f"{target.stem}: {len(scaled)} nodes read per-pixel scaled inputs; kept float32: {', '.join(kept_float) or 'nothing'}; "
+        "highest peak/RMS: " + ", ".join(f"{name} {ratio:.0f}" for name, ratio in sorted(peak_to_rms.items(), key=lambda kv: -kv[1])[:4]))
     ranges_path = scratch / f"{target.stem}.ranges.json"
     save_tensors_data(ranges, ranges_path)
     with _written_atomically(target) as tmp:
         quantize_static(
-            str(source),
+            str(prepared),
             str(tmp),
             None,  # the ranges come from the file calibrate_ranges wrote
             quant_format=QuantFormat.QDQ,
@@ -542,6 +381,7 @@ def build_variant(
     images_dir: Path | None = None,
     calibration_count: int = 2,
     threads: int = 0,
+    float32_outliers: bool = False,
     log=print,
 ) -> tuple[Path, Path]:
     """Write OUT_DIR/encoder.onnx and OUT_DIR/decoder.onnx made from MODEL_DIR's float32 pair by `recipe`."""
@@ -551,8 +391,13 @@ def build_variant(
         raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     if out_dir.resolve() == model_dir.resolve():
         raise ValueError("--out must be another folder than MODEL_DIR: the float32 pair is the calibration source")
+    static = recipe in ("int8+fused-attention", "int8")
+    if float32_outliers and not static:
+        raise ValueError("--float32-outliers applies to the static int8 recipes (int8+fused-attention, int8)")
+    fuse = recipe in ("int8+fused-attention", "fused-attention", "exact")
+    # Distributed, the head's fusion conv is cheaper in float32 but its int8 parts would add in uint8.
+    distribute = recipe == "exact" or float32_outliers
     out_dir.mkdir(parents=True, exist_ok=True)
-    fuse, static = "fused-attention" in recipe, recipe.startswith("int8") and recipe != "int8-dynamic"
     feeds = {}
     if static:
         started = time.perf_counter()
@@ -564,21 +409,21 @@ def build_variant(
         for role in ROLES:
             started = time.perf_counter()
             source, target = model_dir / f"{role}.onnx", out_dir / f"{role}.onnx"
-            if fuse or static:
+            if recipe == "int8-dynamic":
+                _quantize_dynamic(source, target)
+            else:
                 model = onnx.load(str(source))
                 if fuse:
                     log(f"{role}: {fuse_attention(model)} attentions fused")
+                if static or distribute:
+                    fold_identity_initializers(model)  # the rewrites need the biases as initializers
+                if distribute:
+                    log(f"{role}: {distribute_concat_convs(model, _probe_feed(model))} convolutions over a concatenation distributed")
                 if static:
-                    fold_identity_initializers(model)  # before the rewrite: it needs the biases as initializers
-                    patchify_conv_transposes(model)
-                prepared = Path(scratch) / f"{role}.onnx"
-                _save(model, prepared if static else target)
+                    _quantize_static(model, target, feeds[role], Path(scratch), float32_outliers, threads, log)
+                else:
+                    _save(model, target)
                 del model
-                source = prepared
-            if static:
-                _quantize_static(source, target, feeds[role], Path(scratch), threads, log)
-            elif recipe == "int8-dynamic":
-                _quantize_dynamic(source, target)
             log(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - started:.0f} s)")
     return out_dir / "encoder.onnx", out_dir / "decoder.onnx"
 
@@ -586,21 +431,46 @@ def build_variant(
 # -- measuring --------------------------------------------------------------------------------------------------
 
 
-def compare(model_dir: Path, variant_dir: Path, images: int = 3, clicks: int = 5, threads: int = 0) -> dict:
-    """Time both pairs alternately and compare the variant's masks per click with float32's."""
+def _engine(model_dir: Path, threads: int, device: str | None = None):
+    """The pair as the backend would serve it: its settings (DEVICE, OPENVINO_PRECISION, ORT_ENCODER_MEMORY_ARENA,
+    ...) apply; `device` overrides DEVICE."""
+    from segnext_backend.device import choose_execution_providers
     from segnext_backend.engine import SegNextEngine
+    from segnext_backend.settings import Settings
+
+    settings = Settings.from_env()
+    return SegNextEngine(
+        model_dir / "encoder.onnx",
+        model_dir / "decoder.onnx",
+        intra_op_threads=threads,
+        providers=choose_execution_providers(
+            device or settings.device, openvino_precision=settings.openvino_precision, threads=threads
+        ),
+        encoder_memory_arena=settings.encoder_memory_arena,
+        decoder_memory_arena=settings.decoder_memory_arena,
+    )
+
+
+def compare(
+    model_dir: Path, variant_dir: Path, images: int = 3, clicks: int = 5, threads: int = 0, device: str | None = None
+) -> dict:
+    """Time both pairs alternately and compare the variant's masks per click with float32's: MODEL_DIR's pair
+    on ONNX Runtime's CPU provider, the variant on `device` (default: the DEVICE setting)."""
     from segnext_backend.geometry import ModelFrame
     from segnext_backend.masks import logits_to_mask, sigmoid
     from tools.scenes import iou
 
     engines = {
-        "float32": SegNextEngine(model_dir / "encoder.onnx", model_dir / "decoder.onnx", intra_op_threads=threads),
-        "variant": SegNextEngine(variant_dir / "encoder.onnx", variant_dir / "decoder.onnx", intra_op_threads=threads),
+        "float32": _engine(model_dir, threads, "cpu"),
+        "variant": _engine(variant_dir, threads, device),
     }
     frame = ModelFrame(1024, 1024)
     times = {name: {"encoder": [], "decoder": []} for name in engines}
     ious, first_ious, fractions = [], [], []
     inputs = calibration_images(None, images, first_seed=FIRST_EVAL_SEED)
+    for engine in engines.values():  # a session's first run pays one-off costs: not timed
+        points, labels = click_session(FIRST_EVAL_SEED - 1, 1)
+        engine.decode(engine.encode(inputs[0]), points, labels, np.zeros((1024, 1024), np.float32))
     for index, model_input in enumerate(inputs):
         points, labels = click_session(FIRST_EVAL_SEED + index, clicks)
         order = list(engines) if index % 2 == 0 else list(engines)[::-1]  # A B, then B A
@@ -651,10 +521,9 @@ def print_comparison(result: dict) -> None:
 
 def peak_memory(model_dir: Path, clicks: int = 3, threads: int = 0) -> float:
     """Peak RSS (MB) of this process after loading the pair, encoding one image and decoding `clicks` clicks."""
-    from segnext_backend.engine import SegNextEngine
     from segnext_backend.masks import sigmoid
 
-    engine = SegNextEngine(model_dir / "encoder.onnx", model_dir / "decoder.onnx", intra_op_threads=threads)
+    engine = _engine(model_dir, threads)
     features = engine.encode(calibration_images(None, 1, first_seed=FIRST_EVAL_SEED)[0])
     points, labels = click_session(FIRST_EVAL_SEED, clicks)
     prev = np.zeros((1024, 1024), np.float32)
@@ -675,6 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=3, help="--compare: evaluation images")
     parser.add_argument("--clicks", type=int, default=5, help="--compare: clicks per image")
     parser.add_argument("--peak-memory", action="store_true", help="print the peak RSS of serving MODEL_DIR's pair")
+    parser.add_argument("--float32-outliers", action="store_true",
+                        help="keep float32 the int8 candidates that read a tensor whose peak is over 40x its RMS: "
+                        "masks closer to float32, slower (docs/performance.md)")
+    parser.add_argument("--device", choices=("cpu", "openvino"),
+                        help="--compare: where the variant runs (default: the DEVICE setting); with no --out, the "
+                        "variant is MODEL_DIR's own pair there: `--compare --device openvino` measures OpenVINO's bf16")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     for role in ROLES:
@@ -683,12 +558,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.peak_memory:
         print(f"peak RSS serving {args.model_dir}: {peak_memory(args.model_dir, threads=args.threads):,.0f} MB")
         return 0
+    if args.out is None and args.compare and args.device:
+        args.out, args.skip_build = args.model_dir, True  # the same files, on another device
     if args.out is None:
         parser.error("--out OUT_DIR is required")
     if not args.skip_build:
-        build_variant(args.model_dir, args.out, args.recipe, args.calibration_images, args.calibration_count, args.threads)
+        build_variant(
+            args.model_dir, args.out, args.recipe, args.calibration_images, args.calibration_count, args.threads,
+            args.float32_outliers,
+        )
+        arena = " ORT_ENCODER_MEMORY_ARENA=true" if args.recipe.startswith("int8") else ""
+        print(f"serve it with MODEL_DIR={args.out}{arena} (README, \"Faster clicks on CPU\")")
     if args.compare:
-        print_comparison(compare(args.model_dir, args.out, args.images, args.clicks, args.threads))
+        print_comparison(compare(args.model_dir, args.out, args.images, args.clicks, args.threads, args.device))
     return 0
 
 
