@@ -219,18 +219,36 @@ def wait_until_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
     raise AssertionError(f"the backend was not healthy within {READY_DEADLINE_SECONDS} s: " + log.read_text())
 
 
+def assert_click_finds_object(url: str, image_server, scene, index: int, name: str, timeout: float = 120) -> None:
+    """Serve `scene` as /data/upload/1/NAME.png, click once on its object `index` at the backend at `url`, and
+    check that the answer is that object (IoU >= 0.98)."""
+    height, width = scene.pixels.shape[:2]
+    path = image_server.add(f"/data/upload/1/{name}.png", encode_png(scene.pixels))
+    response = requests.post(url + "/predict", json=predict_body(path, [click_on(scene, index)]), timeout=timeout)
+    assert response.status_code == 200, response.text
+    region = response.json()["results"][0]["result"][0]
+    assert iou(decode_region(region, width, height), scene.objects[index]) >= 0.98
+
+
+def backend_log(tmp_path: Path, url: str) -> Path:
+    """Where `started_backend` writes the log of the backend at `url`."""
+    return tmp_path / f"backend-{url.rsplit(':', 1)[1]}.log"
+
+
 @pytest.fixture
 def started_backend(tmp_path):
     processes = []
 
-    def start(gunicorn=False, **env_extra) -> str:
-        """Start the backend (as `python _wsgi.py`, or under gunicorn) and return its URL once it listens."""
+    def start(gunicorn=False, python: Path | None = None, **env_extra) -> str:
+        """Start the backend (as `python _wsgi.py`, or under gunicorn; `python`: another environment's) and return
+        its URL once it listens; its log is `backend_log(url)`."""
         port = free_port()
-        log = tmp_path / f"backend-{port}.log"
+        log = backend_log(tmp_path, f"http://127.0.0.1:{port}")
+        python = python or Path(sys.executable)
         if gunicorn:
-            command = [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"]
+            command = [str(python.parent / "gunicorn"), "-c", "gunicorn.conf.py"]
         else:
-            command = [sys.executable, "_wsgi.py", "--host", "127.0.0.1", "--port", str(port)]
+            command = [str(python), "_wsgi.py", "--host", "127.0.0.1", "--port", str(port)]
         process = subprocess.Popen(
             command,
             cwd=ROOT,

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import (
-    ROOT, backend_env, click_on, decode_region, encode_png, free_port, iou, make_scene, onnxruntime_build_python,
-    predict_body, wait_until_healthy,
+    ROOT, assert_click_finds_object, backend_env, backend_log, free_port, make_scene, onnxruntime_build_python,
 )
 
 from segnext_backend import device
@@ -46,29 +45,12 @@ def gpu_python() -> Path:
     return onnxruntime_build_python(GPU_VENV, "requirements-gpu.txt", onnxruntime_gpu_without_extras(), "CUDAExecutionProvider")
 
 
-def test_device_auto_preloads_the_libraries_then_serves_a_right_click_on_the_cpu(gpu_python, image_server, tmp_path):
-    port = free_port()
-    log = tmp_path / "backend.log"
-    env = backend_env(tmp_path, DEMO="true", DEVICE="auto", LABEL_STUDIO_URL=image_server.url)
-    process = subprocess.Popen(
-        [str(gpu_python), "_wsgi.py", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(url, process, log)
-        health = requests.get(url + "/health", timeout=30).json()
-        assert health["device"] == "auto" and health["execution_provider"] == "CPUExecutionProvider"
-        scene = make_scene(800, 600, seed=31)
-        path = image_server.add("/data/upload/1/gpu-build.png", encode_png(scene.pixels))
-        response = requests.post(url + "/predict", json=predict_body(path, [click_on(scene, 2)]), timeout=120)
-        assert response.status_code == 200, response.text
-        region = response.json()["results"][0]["result"][0]
-        assert iou(decode_region(region, 800, 600), scene.objects[2]) >= 0.98
-    finally:
-        process.terminate()
-        process.wait(30)
-    text = log.read_text()
+def test_device_auto_preloads_the_libraries_then_serves_a_right_click_on_the_cpu(gpu_python, image_server, started_backend, tmp_path):
+    url = started_backend(python=gpu_python, DEMO="true", DEVICE="auto", LABEL_STUDIO_URL=image_server.url)
+    health = requests.get(url + "/health", timeout=30).json()
+    assert health["device"] == "auto" and health["execution_provider"] == "CPUExecutionProvider"
+    assert_click_finds_object(url, image_server, make_scene(800, 600, seed=31), 2, "gpu-build")
+    text = backend_log(tmp_path, url).read_text()
     # preload_dlls ran (it reports the CUDA libraries that the [cuda] extra would have brought) ...
     assert "onnxruntime.preload_dlls: Failed to load libcublasLt.so.13" in text, text
     # ... and the start-up log says that the CPU runs, and why.

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import (
-    ROOT, backend_env, click_on, decode_region, encode_png, free_port, iou, make_scene, onnxruntime_build_python,
-    predict_body, wait_until_healthy,
+    ROOT, assert_click_finds_object, backend_env, backend_log, free_port, make_scene, onnxruntime_build_python,
 )
 
 from segnext_backend import device
@@ -47,33 +46,16 @@ def expected_precision() -> str:
     return "bf16" if device._cpu_flags() & set(device.BF16_CPU_FLAGS) else "f32"
 
 
-def test_device_openvino_serves_right_clicks_and_names_its_precision(openvino_python, image_server, tmp_path):
-    port = free_port()
-    log = tmp_path / "backend.log"
-    env = backend_env(tmp_path, DEMO="true", DEVICE="openvino", LABEL_STUDIO_URL=image_server.url)
-    process = subprocess.Popen(
-        [str(openvino_python), "_wsgi.py", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(url, process, log)
-        health = requests.get(url + "/health", timeout=30).json()
-        assert health["device"] == "openvino" and health["execution_provider"] == "OpenVINOExecutionProvider", health
-        assert health["openvino_precision"] == expected_precision()
-        scene = make_scene(800, 600, seed=32)
-        path = image_server.add("/data/upload/1/openvino-build.png", encode_png(scene.pixels))
-        clicks = []
-        for index in (2, 0):  # a second object after the first, as an annotator goes on
-            clicks = [click_on(scene, index)]
-            response = requests.post(url + "/predict", json=predict_body(path, clicks), timeout=120)
-            assert response.status_code == 200, response.text
-            region = response.json()["results"][0]["result"][0]
-            assert iou(decode_region(region, 800, 600), scene.objects[index]) >= 0.98
-    finally:
-        process.terminate()
-        process.wait(30)
-    assert f"execution provider: OpenVINOExecutionProvider, computing in {expected_precision()}" in log.read_text()
+def test_device_openvino_serves_right_clicks_and_names_its_precision(openvino_python, image_server, started_backend, tmp_path):
+    url = started_backend(python=openvino_python, DEMO="true", DEVICE="openvino", LABEL_STUDIO_URL=image_server.url)
+    health = requests.get(url + "/health", timeout=30).json()
+    assert health["device"] == "openvino" and health["execution_provider"] == "OpenVINOExecutionProvider", health
+    assert health["openvino_precision"] == expected_precision()
+    scene = make_scene(800, 600, seed=32)
+    for index in (2, 0):  # a second object after the first, as an annotator goes on
+        assert_click_finds_object(url, image_server, scene, index, "openvino-build")
+    log = backend_log(tmp_path, url).read_text()
+    assert f"execution provider: OpenVINOExecutionProvider, computing in {expected_precision()}" in log, log
 
 
 def test_bf16_logits_follow_float32_on_segnexts_architecture(openvino_python, shallow_models):

@@ -15,6 +15,7 @@ import requests
 from conftest import (
     READY_DEADLINE_SECONDS,
     ROOT,
+    assert_click_finds_object,
     backend_env,
     click_on,
     decode_region,
@@ -39,13 +40,8 @@ def test_started_backend_answers_a_click_without_setup(started_backend, image_se
     url = started_backend(DEMO="true", LABEL_STUDIO_URL=image_server.url, LABEL_STUDIO_API_KEY="k")
     health = requests.get(url + "/health", timeout=5).json()
     assert health["status"] == "UP" and health["demo"] is True
-    scene = make_scene(900, 700, seed=21)
-    path = image_server.add("/data/upload/1/process.png", encode_png(scene.pixels))
     # After a restart Label Studio's first request is /predict: no /setup before it.
-    response = requests.post(url + "/predict", json=predict_body(path, [click_on(scene, 1)]), timeout=30)
-    assert response.status_code == 200, response.text
-    region = response.json()["results"][0]["result"][0]
-    assert iou(decode_region(region, 900, 700), scene.objects[1]) >= 0.98
+    assert_click_finds_object(url, image_server, make_scene(900, 700, seed=21), 1, "process", timeout=30)
     bad = requests.post(url + "/predict", data=b"[", headers={"Content-Type": "application/json"}, timeout=5)
     assert bad.status_code == 400 and "JSON" in bad.json()["error"]
 
