@@ -46,8 +46,13 @@ def expected_precision() -> str:
     return "bf16" if device._cpu_flags() & set(device.BF16_CPU_FLAGS) else "f32"
 
 
-def test_device_openvino_serves_right_clicks_and_names_its_precision(openvino_python, image_server, started_backend, tmp_path):
-    url = started_backend(python=openvino_python, DEMO="true", DEVICE="openvino", LABEL_STUDIO_URL=image_server.url)
+@pytest.mark.parametrize("gunicorn", [False, True], ids=["_wsgi.py", "gunicorn"])  # gunicorn: the image's command
+def test_device_openvino_serves_right_clicks_and_names_its_precision(
+    openvino_python, image_server, started_backend, tmp_path, gunicorn
+):
+    url = started_backend(
+        gunicorn, python=openvino_python, DEMO="true", DEVICE="openvino", LABEL_STUDIO_URL=image_server.url
+    )
     health = requests.get(url + "/health", timeout=30).json()
     assert health["device"] == "openvino" and health["execution_provider"] == "OpenVINOExecutionProvider", health
     assert health["openvino_precision"] == expected_precision()
