@@ -39,7 +39,9 @@ def onnxruntime_openvino_pin() -> str:
 
 @pytest.fixture(scope="module")
 def openvino_python() -> Path:
-    return onnxruntime_build_python(OPENVINO_VENV, "requirements-openvino.txt", onnxruntime_openvino_pin(), "OpenVINOExecutionProvider")
+    return onnxruntime_build_python(
+        OPENVINO_VENV, "requirements-openvino.txt", onnxruntime_openvino_pin(), "OpenVINOExecutionProvider"
+    )
 
 
 def expected_precision() -> str:

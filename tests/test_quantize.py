@@ -43,8 +43,6 @@ def test_fused_attention_gives_the_same_logits_without_the_score_matrix(shallow_
     for role, path, attentions in (("encoder", tmp_path / "encoder.onnx", 2), ("decoder", tmp_path / "decoder.onnx", 1)):
         ops = _op_types(path)
         assert "Softmax" not in ops, role  # every attention was fused: none computes its scores apart
-        import onnx
-
         graph = onnx.load(str(path)).graph
         assert sum(node.op_type == "MultiHeadAttention" for node in graph.node) == attentions, role
     image = np.random.default_rng(0).random((1, 3, MODEL_SIZE, MODEL_SIZE), dtype=np.float32)
@@ -396,7 +394,9 @@ def test_float32_outliers_builds_a_servable_pair_and_needs_a_static_recipe(shall
     encoder, decoder = shallow_models
     with pytest.raises(ValueError, match="static int8"):
         build_variant(encoder.parent, tmp_path / "no", "exact", float32_outliers=True)
-    encoder8, decoder8 = build_variant(encoder.parent, tmp_path / "careful", calibration_count=1, float32_outliers=True, log=lambda _: None)
+    encoder8, decoder8 = build_variant(
+        encoder.parent, tmp_path / "careful", calibration_count=1, float32_outliers=True, log=lambda _: None
+    )
     image = np.random.default_rng(0).random((1, 3, MODEL_SIZE, MODEL_SIZE), dtype=np.float32)
     logits32, logits8 = _logits(encoder, decoder, image), _logits(encoder8, decoder8, image)
     assert np.corrcoef(logits32.ravel(), logits8.ravel())[0, 1] > 0.9

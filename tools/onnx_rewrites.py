@@ -261,7 +261,9 @@ def patchify_conv_transposes(model) -> int:
             inputs.append(f"{tag}/as_conv_bias")
         new_nodes.append(helper.make_node("Conv", inputs, [f"{tag}/as_conv"], name=f"{tag}/as_conv", kernel_shape=[1, 1]))
         new_nodes.append(
-            helper.make_node("DepthToSpace", [f"{tag}/as_conv"], [node.output[0]], name=f"{tag}/depth_to_space", blocksize=block, mode="CRD")
+            helper.make_node(
+                "DepthToSpace", [f"{tag}/as_conv"], [node.output[0]], name=f"{tag}/depth_to_space", blocksize=block, mode="CRD"
+            )
         )
         rewritten += 1
     del graph.node[:]
@@ -288,7 +290,9 @@ def _one_pixel_per_output_block(node, weight) -> bool:
     )
 
 
-def scale_outlier_readers(model, tensors: set[str], feed: dict, max_pixels: int = 64 * 64, skip: set[str] = frozenset()) -> list[str]:
+def scale_outlier_readers(
+    model, tensors: set[str], feed: dict, max_pixels: int = 64 * 64, skip: set[str] = frozenset()
+) -> list[str]:
     """Let each Conv / ConvTranspose that reads one of `tensors` see every pixel scaled to a peak of 1.
 
     A transformer's residual stream carries a few tokens far above the rest (a click's, a ViT's "massive
@@ -427,7 +431,9 @@ def distribute_concat_convs(model, feed: dict) -> int:
         tag = conv.name or conv.output[0]
         nodes, parts, offset = [], [], 0
         for index, (name, width) in enumerate(zip(concat.input, widths)):
-            part_weight = numpy_helper.from_array(np.ascontiguousarray(weight[:, offset : offset + width]), f"{tag}/part{index}_weight")
+            part_weight = numpy_helper.from_array(
+                np.ascontiguousarray(weight[:, offset : offset + width]), f"{tag}/part{index}_weight"
+            )
             graph.initializer.append(part_weight)
             offset += width
             resize = producer.get(name)
@@ -454,7 +460,9 @@ def distribute_concat_convs(model, feed: dict) -> int:
                     ]
                     resize_inputs[3] = sizes
                 nodes.append(
-                    helper.make_node("Resize", [part] + resize_inputs[1:], [f"{part}/resized"], name=f"{part}/resize", **_attributes(resize))
+                    helper.make_node(
+                        "Resize", [part] + resize_inputs[1:], [f"{part}/resized"], name=f"{part}/resize", **_attributes(resize)
+                    )
                 )
                 part = f"{part}/resized"
                 removed.add(id(resize))

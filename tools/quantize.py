@@ -329,7 +329,9 @@ def _probe_feed(model) -> dict:
     return feed
 
 
-def _quantize_static(model, target: Path, feeds: list[dict], scratch: Path, float32_outliers: bool, threads: int = 0, log=print) -> None:
+def _quantize_static(
+    model, target: Path, feeds: list[dict], scratch: Path, float32_outliers: bool, threads: int = 0, log=print
+) -> None:
     """Calibrate, make the outlier readers safe, and write the QDQ int8 model of `model` (loaded, float32)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
@@ -347,8 +349,12 @@ def _quantize_static(model, target: Path, feeds: list[dict], scratch: Path, floa
         ranges, peak_to_rms = calibrate_ranges(prepared, feeds, threads=threads)
     kept_float = edges + (outlier_readers(model, peak_to_rms) if float32_outliers else [])
     kept_float = list(dict.fromkeys(kept_float))
-    log(f"{target.stem}: {len(scaled)} nodes read per-pixel scaled inputs; kept float32: {', '.join(kept_float) or 'nothing'}; "
-        "highest peak/RMS: " + ", ".join(f"{name} {ratio:.0f}" for name, ratio in sorted(peak_to_rms.items(), key=lambda kv: -kv[1])[:4]))
+    highest = sorted(peak_to_rms.items(), key=lambda kv: -kv[1])[:4]
+    log(
+        f"{target.stem}: {len(scaled)} nodes read per-pixel scaled inputs; "
+        f"kept float32: {', '.join(kept_float) or 'nothing'}; "
+        "highest peak/RMS: " + ", ".join(f"{name} {ratio:.0f}" for name, ratio in highest)
+    )
     ranges_path = scratch / f"{target.stem}.ranges.json"
     save_tensors_data(ranges, ranges_path)
     with _written_atomically(target) as tmp:
@@ -418,7 +424,8 @@ def build_variant(
                 if static or distribute:
                     fold_identity_initializers(model)  # the rewrites need the biases as initializers
                 if distribute:
-                    log(f"{role}: {distribute_concat_convs(model, _probe_feed(model))} convolutions over a concatenation distributed")
+                    distributed = distribute_concat_convs(model, _probe_feed(model))
+                    log(f"{role}: {distributed} convolutions over a concatenation distributed")
                 if static:
                     _quantize_static(model, target, feeds[role], Path(scratch), float32_outliers, threads, log)
                 else:
