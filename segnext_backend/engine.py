@@ -123,7 +123,7 @@ class SegNextEngine:
         *,
         intra_op_threads: int = 0,
         max_concurrent_decodes: int = 1,
-        providers: list[str] | None = None,
+        providers: list | None = None,  # names, or (name, options) pairs: as ONNX Runtime takes them
         encoder_memory_arena: bool = False,
         decoder_memory_arena: bool = True,
     ):
