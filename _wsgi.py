@@ -20,7 +20,8 @@ import logging
 import sys
 from pathlib import Path
 
-from segnext_backend.model_files import ModelFilesError, ensure_model_files
+from segnext_backend.model_files import ModelFilesError
+from segnext_backend.runtime import load, runtime_status
 from segnext_backend.settings import Settings, SettingsError
 
 # The Label Studio glue and the engine (and with them ONNX Runtime) are imported in the functions that load
@@ -28,12 +29,6 @@ from segnext_backend.settings import Settings, SettingsError
 # imported onnxruntime aborts when it exits (std::system_error "No such process", then SIGABRT).
 
 logger = logging.getLogger("segnext_backend")
-
-DEMO_BANNER = """
-###############################################################################
-#  DEMO MODE: these are the project's colour-region TEST MODELS, NOT SegNext.  #
-#  A click selects the pixels of the clicked colour. Unset DEMO for SegNext.   #
-###############################################################################"""
 
 
 def configure_logging(level: str) -> None:
@@ -44,55 +39,12 @@ def configure_logging(level: str) -> None:
     )
 
 
-def prepare_model_files(settings: Settings) -> tuple[Path, Path]:
-    """Where the encoder and decoder are, downloading them (or building the demo ones) first if needed."""
-    if settings.demo:
-        from segnext_backend.demo_models import build_demo_models
-
-        return build_demo_models(settings.model_dir / "demo")
-    ensure_model_files(settings.model_dir, settings.model_url, settings.model_sha256)
-    return settings.model_dir / "encoder.onnx", settings.model_dir / "decoder.onnx"
-
-
-def load_runtime(settings: Settings):
-    """The engine, image source and segmenter that these settings make (`model.Runtime`); tools.evaluate
-    measures the backend through this same path."""
-    import model
-    from segnext_backend.device import choose_execution_providers
-    from segnext_backend.engine import SegNextEngine
-
-    encoder_path, decoder_path = prepare_model_files(settings)
-    engine = SegNextEngine(
-        encoder_path,
-        decoder_path,
-        intra_op_threads=settings.intra_op_threads,
-        max_concurrent_decodes=settings.max_concurrent_decodes,
-        providers=choose_execution_providers(
-            settings.device, openvino_precision=settings.openvino_precision, threads=settings.intra_op_threads
-        ),
-        encoder_memory_arena=settings.encoder_memory_arena,
-        decoder_memory_arena=settings.decoder_memory_arena,
-    )
-    if engine.is_test_model:
-        logger.warning(DEMO_BANNER)
-    runtime = model.build_runtime(settings, engine)
-    logger.info("models loaded from %s and %s (%s)", encoder_path, decoder_path, runtime.model_version)
-    return runtime
-
-
-def load(settings: Settings) -> None:
-    """Load the models into this process (once: every request shares them)."""
-    import model
-
-    model.set_runtime(load_runtime(settings))
-
-
 def create_app(settings: Settings):
-    import model
     from api import init_app
+    from model import SegNextBackend
 
     basic_auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
-    return init_app(model.SegNextBackend, basic_auth=basic_auth, status=model.runtime_status)
+    return init_app(SegNextBackend, basic_auth=basic_auth, status=runtime_status)
 
 
 def gunicorn_app():
@@ -106,7 +58,7 @@ def gunicorn_app():
 def __getattr__(name: str):
     # `gunicorn _wsgi:app`, the command of label-studio-ml's Docker template, with or without --preload: the
     # app is made when it is asked for, not at import (gunicorn.conf.py imports this module too), and it
-    # loads the models in the worker on first use (model.start_loading), never in the master.
+    # loads the models in the worker on first use (segnext_backend.runtime.start_loading), never in the master.
     if name == "app":
         global app
         settings = Settings.from_env()

@@ -10,6 +10,7 @@ import sys
 
 import _wsgi
 from segnext_backend.model_files import retry_failed_downloads
+from segnext_backend.runtime import prepare_model_files, stop_background_work
 from segnext_backend.settings import Settings
 
 _settings = Settings.from_env()
@@ -35,7 +36,7 @@ def on_starting(server):
         # A download that fails is tried again later, in this process: exiting would let Docker's restart
         # policy start the ~440 MB download over and over.
         retry_failed_downloads(
-            lambda: _wsgi.prepare_model_files(_settings),
+            lambda: prepare_model_files(_settings),
             first_delay=_settings.model_download_retry_seconds,
             max_delay=_settings.model_download_retry_max_seconds,
         )
@@ -50,9 +51,7 @@ def post_worker_init(worker):
     exit_as_gunicorn_does = signal.getsignal(signal.SIGTERM)
 
     def stop_background_work_then_exit(signum, frame):
-        model = sys.modules.get("model")  # imported by this worker's app, never by the master
-        if model is not None:
-            model.stop_background_work()
+        stop_background_work()  # nothing to stop in a worker that has not loaded its models
         exit_as_gunicorn_does(signum, frame)
 
     signal.signal(signal.SIGTERM, stop_background_work_then_exit)

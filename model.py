@@ -1,349 +1,35 @@
 """Label Studio in, Label Studio out: the translation between Label Studio's tasks and the segmenter.
 
 `SegNextBackend.predict` reads a smart-keypoint context (the clicks of the object being drawn), finds the
-image and the control that the clicked label belongs to in the label config (BrushLabels, PolygonLabels or
-RectangleLabels), asks the `segnext_backend` package for the object's mask, and answers it in that control's
-region format: one brush region, one polygon per part of the mask, or the mask's box. No ONNX, caching or
-geometry lives here.
-
-The heavy state (ONNX sessions, caches) is built once per process and kept at module level: label-studio-ml
-builds a new `SegNextBackend` for every request. `_wsgi.py` loads it before it serves; under any other server
-(label-studio-ml's own `init_app(model_class=SegNextBackend)`, `gunicorn --preload`) the first request that
-needs it loads it, in the process that serves (never in a parent that forks workers).
+image and the control that the clicked label belongs to in the label config (`label_config.py`), asks the
+`segnext_backend` package for the object's mask, and answers it in that control's region format: one brush
+region, one polygon per part of the mask, or the mask's box. No ONNX, caching or geometry lives here; the
+process's models and caches are `segnext_backend.runtime`'s.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import os
-import threading
-import time
 import uuid
-from concurrent.futures import Future
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from label_studio_ml.model import LabelStudioMLBase
-from label_studio_tools.core.label_config import parse_config
 
-from segnext_backend.caches import LruCache
-from segnext_backend.errors import NotReadyError, RequestError, TooLargeError
-from segnext_backend.images import ImageFetchConfig, ImageSource, abort_download
+from label_config import ImageTarget, image_target, parsed_label_config, require_interactive_config
+from segnext_backend.errors import RequestError, TooLargeError
 from segnext_backend.limits import check_frame_size
 from segnext_backend.masks import mask_to_rle
-from segnext_backend.model_files import file_sha256
-from segnext_backend.preencode import PreEncoder
-from segnext_backend.settings import Settings
+from segnext_backend.runtime import SEGNEXT_VERSION, Runtime, get_runtime, loaded_runtime, start_loading
 
 # The segmenter (and with it ONNX Runtime) is imported where it is used, not here: a server that imports this
 # module and then forks its workers (gunicorn --preload) must not have imported onnxruntime, or every worker
 # aborts when it exits.
 if TYPE_CHECKING:
-    from segnext_backend.segmenter import Click, InteractiveSegmenter
+    from segnext_backend.segmenter import Click
 
 logger = logging.getLogger(__name__)
-
-SEGNEXT_VERSION = "segnext-vitb-sax2-hq44k"
-DEMO_VERSION = "demo-colour-region-NOT-SegNext"
-
-
-@dataclass
-class Runtime:
-    """What every request of the process shares."""
-
-    settings: Settings
-    image_source: ImageSource
-    segmenter: InteractiveSegmenter
-    model_version: str
-    model_sha256: dict  # role -> SHA-256 of the loaded file, for /health
-    pre_encoder: PreEncoder
-
-
-_runtime: Runtime | None = None
-
-# A failed load (model files that cannot be fetched, say) is tried again after this long, not on every request.
-LOAD_RETRY_SECONDS = 60.0
-_load_lock = threading.Lock()
-_load: Future | None = None  # this process's load of the models, once started
-_load_started = 0.0
-
-
-def build_runtime(settings: Settings, engine) -> Runtime:
-    from segnext_backend.segmenter import InteractiveSegmenter
-    from segnext_backend.shared_store import SharedStore
-
-    image_source = ImageSource(
-        ImageFetchConfig(
-            label_studio_url=settings.label_studio_url,
-            label_studio_api_key=settings.label_studio_api_key,
-            local_files_document_root=settings.local_files_document_root,
-            allow_private_hosts=settings.allow_private_image_hosts,
-            download_cache_bytes=settings.download_cache_bytes,
-            fast_jpeg_decode=settings.fast_jpeg_decode,
-            max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels,
-            connect_timeout=settings.image_connect_timeout,
-            read_timeout=settings.image_read_timeout,
-            download_timeout=settings.image_download_timeout,
-            revalidate_seconds=settings.image_revalidate_seconds,
-            decode_pixel_budget=settings.decode_pixel_budget,
-        )
-    )
-    digests = {role: file_sha256(Path(info.path)) for role, info in engine.files.items()}
-    shared_store = None
-    if settings.redis_url:
-        # Values computed by other model files must never be read: the namespace is the files' digests.
-        namespace = hashlib.sha256((digests["encoder"] + digests["decoder"]).encode()).hexdigest()[:20]
-        shared_store = SharedStore(
-            settings.redis_url,
-            namespace=namespace,
-            ttl_seconds=settings.redis_ttl_seconds,
-            socket_timeout=settings.redis_socket_timeout,
-            retry_seconds=settings.redis_retry_seconds,
-        )
-        if shared_store.check():
-            logger.info("sharing features and click states through Redis at %s", shared_store.url)
-    segmenter = InteractiveSegmenter(
-        engine,
-        # The segmenter's image key is an ImageVersion (a content digest): the image source knows its bytes.
-        load_image=image_source.load,
-        mask_threshold=settings.mask_threshold,
-        feature_cache_bytes=settings.feature_cache_bytes,
-        object_state_cache_bytes=settings.object_state_cache_bytes,
-        max_clicks=settings.max_clicks,
-        feature_disk_cache_dir=settings.feature_disk_cache_dir or None,
-        feature_disk_cache_bytes=settings.feature_disk_cache_bytes,
-        shared_store=shared_store,
-        max_decoder_runs=settings.max_decoder_runs_per_request,
-    )
-    pre_encoder = PreEncoder(
-        lambda ref: segmenter.encoded_image(image_source.current(ref)), settings.preencode_queue_length, abort_download
-    )
-    version = DEMO_VERSION if engine.is_test_model else SEGNEXT_VERSION
-    return Runtime(
-        settings=settings,
-        image_source=image_source,
-        segmenter=segmenter,
-        model_version=version,
-        model_sha256=digests,
-        pre_encoder=pre_encoder,
-    )
-
-
-def set_runtime(runtime: Runtime | None) -> None:
-    global _runtime, _load
-    with _load_lock:
-        if _runtime is not None and _runtime is not runtime:
-            _runtime.pre_encoder.stop()
-        _runtime = runtime
-        if runtime is None:
-            _load = None  # the next request that needs the models loads them again
-
-
-def stop_background_work() -> None:
-    """On SIGTERM: no more background fetches or encodes (the clicks in progress still finish)."""
-    if _runtime is not None:
-        _runtime.pre_encoder.stop()
-
-
-def get_runtime() -> Runtime:
-    """This process's runtime; the first call loads the models (the others wait for that load)."""
-    runtime = _runtime
-    if runtime is not None:
-        return runtime
-    try:
-        return start_loading().result()
-    except Exception as error:
-        raise NotReadyError(f"the models could not be loaded: {error}") from None
-
-
-def start_loading() -> Future:
-    """Load the models in the background unless this process has them or is loading them; the load's Future.
-
-    One load per process at a time; a failed one is started again after LOAD_RETRY_SECONDS.
-    """
-    global _load, _load_started
-    with _load_lock:
-        if _runtime is not None:
-            loaded = Future()
-            loaded.set_result(_runtime)
-            return loaded
-        failed = _load is not None and _load.done() and _load.exception() is not None
-        if _load is None or (failed and time.monotonic() - _load_started >= LOAD_RETRY_SECONDS):
-            _load, _load_started = Future(), time.monotonic()
-            threading.Thread(target=_load_models, args=(_load,), name="segnext-load-models", daemon=True).start()
-        return _load
-
-
-def _load_models(done: Future) -> None:
-    try:
-        # _wsgi.py, beside this file, is how the process loads its models (model files, DEMO, device).
-        import _wsgi
-
-        _wsgi.load(Settings.from_env())
-        done.set_result(_runtime)
-    except BaseException as error:  # noqa: BLE001 - every failure goes to the requests that wait for the load
-        logger.error("the models could not be loaded: %s", error)
-        done.set_exception(error)
-
-
-def _forget_runtime_in_forked_child() -> None:
-    # ONNX Runtime sessions and their threads do not survive a fork: a forked worker loads its own.
-    global _runtime, _load, _load_lock
-    _runtime, _load, _load_lock = None, None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_runtime_in_forked_child)
-
-
-def runtime_status() -> dict:
-    """For /health and /metrics: which models are loaded, and how the caches are doing.
-
-    Raises NotReadyError while the models load (starting the load if nothing has yet) or after a failed load.
-    """
-    load = start_loading()
-    if not load.done():
-        raise NotReadyError("the models are loading")
-    if load.exception() is not None:
-        raise NotReadyError(f"the models could not be loaded: {load.exception()}")
-    runtime = get_runtime()
-    segmenter = runtime.segmenter
-    shared = segmenter.shared_store
-    shared_status = shared.status() if shared is not None else {"configured": False}
-    return {
-        "model_version": runtime.model_version,
-        "demo": segmenter.engine.is_test_model,
-        # DEVICE as set, and the ONNX Runtime provider that really runs the models (DEVICE=auto may mean the CPU).
-        "device": runtime.settings.device,
-        "execution_provider": segmenter.engine.execution_providers[0],
-        # DEVICE=openvino: what OpenVINO computes in ("bf16" where the CPU has it, else "f32"); null otherwise.
-        "openvino_precision": segmenter.engine.openvino_precision,
-        "models": {
-            role: {**asdict(info), "sha256": runtime.model_sha256[role]} for role, info in segmenter.engine.files.items()
-        },
-        "download_cache": asdict(runtime.image_source.downloads.stats()),
-        "feature_cache": asdict(segmenter.feature_cache.stats()),
-        "object_state_cache": asdict(segmenter.object_states.stats()),
-        # This process's totals: summed over the fleet they show each image encoded once, each click decoded once.
-        "encoder_runs": segmenter.engine.encoder_runs,
-        "decoder_runs": segmenter.engine.decoder_runs,
-        "hits": {
-            "features": {
-                "memory": segmenter.feature_cache.stats().hits,
-                "redis": shared_status.get("feature_hits", 0),
-                "disk": segmenter.disk_cache_hits,
-            },
-            "object_states": {
-                "memory": segmenter.object_states.stats().hits,
-                "redis": shared_status.get("state_hits", 0),
-            },
-        },
-        "redis": shared_status,
-        "warnings": (
-            [f"Redis unavailable ({shared_status['error']}): clicks are served from this process's caches alone"]
-            if shared_status.get("configured") and not shared_status["available"]
-            else []
-        ),
-    }
-
-
-# -- the label config ---------------------------------------------------------------------------------------
-
-# Parsed configs by SHA-256 of their text: every click of a project carries the same config. Bounded by the
-# bytes of the config texts (the parsed form is a few times larger).
-_parsed_configs: LruCache[str, tuple[int, dict]] = LruCache(8 * 1024 * 1024, lambda entry: entry[0])
-
-
-def parsed_label_config(label_config: str | None) -> dict:
-    """The parsed label config (shared between requests: read it, never change it)."""
-    if not label_config:
-        return {}
-    limit = _runtime.settings.max_label_config_bytes if _runtime else Settings().max_label_config_bytes
-    text = label_config.encode("utf-8", "surrogatepass")
-    if len(text) > limit:
-        raise TooLargeError(f"the label config is {len(text)} bytes, over the limit of {limit} (MAX_LABEL_CONFIG_BYTES)")
-    digest = hashlib.sha256(text).hexdigest()
-    return _parsed_configs.get_or_compute(digest, lambda: (len(text), parse_config(label_config)))[1]
-
-
-# The controls a click can be answered in: kind (REGION_CONTROL_ORDER's name) -> control tag, region type.
-REGION_CONTROLS = {
-    "brush": ("BrushLabels", "brushlabels"),
-    "polygon": ("PolygonLabels", "polygonlabels"),
-    "rectangle": ("RectangleLabels", "rectanglelabels"),
-}
-
-
-@dataclass(frozen=True)
-class ImageTarget:
-    """Where a smart keypoint's mask goes: the Image tag, its task data field, and the control answered."""
-
-    to_name: str
-    data_field: str
-    from_name: str
-    region_type: str  # brushlabels, polygonlabels or rectanglelabels
-
-
-def _controls_on(parsed: dict, tag_type: str, to_name: str) -> list[tuple[str, dict]]:
-    return [
-        (name, info)
-        for name, info in parsed.items()
-        if info.get("type") == tag_type and to_name in info.get("to_name", [])
-    ]
-
-
-def _image_field(parsed: dict, to_name: str) -> str | None:
-    for info in parsed.values():
-        for target, source in zip(info.get("to_name", []), info.get("inputs", [])):
-            if target == to_name and source.get("type") == "Image":
-                return source.get("value")
-    return None
-
-
-def _controls_found(parsed: dict) -> str:
-    return ", ".join(f"{name} ({info.get('type')}: {', '.join(info.get('labels', []))})" for name, info in parsed.items())
-
-
-def require_interactive_config(parsed: dict, region_order: tuple[str, ...]) -> None:
-    """A clear error for label configs that cannot work with this backend at all."""
-    types = {info.get("type") for info in parsed.values()}
-    inputs = {source.get("type") for info in parsed.values() for source in info.get("inputs", [])}
-    region_tags = [REGION_CONTROLS[kind][0] for kind in region_order]
-    missing = [
-        what
-        for what, present in (
-            ("an <Image> tag", "Image" in inputs),
-            ("a " + " or ".join(f"<{tag}>" for tag in region_tags) + " control", bool(types & set(region_tags))),
-            ("a <KeyPointLabels smart=\"true\"> control", "KeyPointLabels" in types),
-        )
-        if not present
-    ]
-    if missing:
-        raise RequestError(
-            "the label config needs " + ", ".join(missing) + f" (controls found: {_controls_found(parsed) or 'none'};"
-            f" answered: REGION_CONTROL_ORDER={','.join(region_order)}; see the README for configs to paste)"
-        )
-
-
-def image_target(parsed: dict, to_name: str, label: str, region_order: tuple[str, ...]) -> ImageTarget:
-    """The control on the image that answers `label`: the first kind in `region_order` with a control carrying
-    the label, and of several such controls of that kind, the first in the config."""
-    data_field = _image_field(parsed, to_name)
-    if data_field is None:
-        raise RequestError(f"the label config has no <Image name=\"{to_name}\"> for the keypoints' toName")
-    for kind in region_order:
-        tag, region_type = REGION_CONTROLS[kind]
-        for name, info in _controls_on(parsed, tag, to_name):
-            if label in info.get("labels", []):
-                return ImageTarget(to_name=to_name, data_field=data_field, from_name=name, region_type=region_type)
-    raise RequestError(
-        f"no control on the image '{to_name}' that this backend answers carries the label {label!r} "
-        f"(controls found: {_controls_found(parsed)}; answered: REGION_CONTROL_ORDER={','.join(region_order)})"
-    )
-
 
 # -- the context: clicks of the object being drawn ----------------------------------------------------------
 
@@ -435,7 +121,8 @@ class SegNextBackend(LabelStudioMLBase):
 
     @property
     def model_version(self) -> str:
-        return _runtime.model_version if _runtime else SEGNEXT_VERSION
+        runtime = loaded_runtime()
+        return runtime.model_version if runtime else SEGNEXT_VERSION
 
     def setup(self):
         """label-studio-ml 2.x calls this from the constructor of every request's instance and answers /setup

@@ -21,6 +21,7 @@ import model  # noqa: E402
 from api import init_app  # noqa: E402
 from segnext_backend.demo_models import build_demo_models  # noqa: E402
 from segnext_backend.engine import SegNextEngine  # noqa: E402
+from segnext_backend.runtime import build_runtime, runtime_status, set_runtime  # noqa: E402
 from segnext_backend.settings import Settings  # noqa: E402
 from tools.file_server import BytesHandler, free_port, start_server  # noqa: E402
 from tools.scenes import (  # noqa: E402, F401  (the tests import these from here)
@@ -181,15 +182,15 @@ def make_client(test_model_paths, image_server):
             Settings(), **{"label_studio_url": image_server.url, "label_studio_api_key": "test-token", **overrides}
         )
         spy = EngineSpy(SegNextEngine(*(models or test_model_paths), intra_op_threads=1))
-        runtime = model.build_runtime(settings, spy)
-        model.set_runtime(runtime)
+        runtime = build_runtime(settings, spy)
+        set_runtime(runtime)
         made.append(runtime)
         basic_auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
-        app = init_app(model.SegNextBackend, basic_auth=basic_auth, status=model.runtime_status)
+        app = init_app(model.SegNextBackend, basic_auth=basic_auth, status=runtime_status)
         return app.test_client(), spy
 
     yield make
-    model.set_runtime(None)
+    set_runtime(None)
     for runtime in made:
         runtime.pre_encoder.stop()
 

@@ -24,10 +24,11 @@ import pytest
 import requests
 from conftest import ROOT, Scene, backend_env, click_on, decode_region, encode_png, iou, keypoint, make_scene, predict_body
 
-import model
+import label_config
 from api import basic_credentials_match
 from segnext_backend import images, segmenter as segmenter_module
 from segnext_backend.errors import ImageUnavailableError
+from segnext_backend.runtime import get_runtime
 from segnext_backend.images import ImageFetchConfig, ImageRef, ImageSource
 from segnext_backend.settings import Settings, SettingsError
 from tools.file_server import start_server
@@ -151,7 +152,7 @@ def test_a_read_only_cache_folder_costs_the_cache_not_the_click(make_client, ima
 def test_a_cache_folder_that_cannot_be_created_turns_the_cache_off(make_client, image_server, tmp_path):
     (tmp_path / "a-file").write_bytes(b"")
     client, _ = make_client(feature_disk_cache_dir=str(tmp_path / "a-file" / "features"))
-    assert model.get_runtime().segmenter.feature_disk_cache_dir is None
+    assert get_runtime().segmenter.feature_disk_cache_dir is None
     honest_click_served(client, image_server)
 
 
@@ -244,7 +245,7 @@ def test_a_request_with_more_tasks_than_allowed_is_refused_and_queues_nothing(ma
     body["tasks"] = [copy.deepcopy(body["tasks"][0]) | {"id": i + 1} for i in range(10_000)]
     response = client.post("/predict", json=body)
     assert response.status_code == 413 and "MAX_TASKS_PER_REQUEST" in response.json["error"]
-    assert model.get_runtime().pre_encoder.waiting() == 0
+    assert get_runtime().pre_encoder.waiting() == 0
     time.sleep(0.3)
     assert image_server.requests == [] and spy.encodes == 0
     honest_click_served(client, image_server)
@@ -261,7 +262,7 @@ def test_pre_encoding_waits_in_a_bounded_queue_and_keeps_the_latest_tasks(make_c
         tasks.append({**copy.deepcopy(body["tasks"][0]), "id": i + 1, "data": {"image": path}})
     body["tasks"] = tasks
     assert client.post("/predict", json=body).status_code == 200
-    assert model.get_runtime().pre_encoder.wait_idle(60)
+    assert get_runtime().pre_encoder.wait_idle(60)
     fetched = {r["path"] for r in image_server.requests}
     assert len(fetched) <= 3 and "/data/upload/1/t9.png" in fetched  # at most one running and two waiting
     assert spy.encodes == len(fetched)
@@ -277,7 +278,7 @@ def test_stopping_pre_encoding_drops_the_queue_and_cuts_the_download_short(make_
     while not image_server.requests:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    pre_encoder = model.get_runtime().pre_encoder
+    pre_encoder = get_runtime().pre_encoder
     started = time.monotonic()
     pre_encoder.stop()
     pre_encoder.join(10)
@@ -298,8 +299,8 @@ def test_a_label_config_over_its_limit_is_refused_and_a_config_is_parsed_once(ma
     assert image_server.requests == []
 
     parses = []
-    original = model.parse_config
-    monkeypatch.setattr(model, "parse_config", lambda config: parses.append(1) or original(config))
+    original = label_config.parse_config
+    monkeypatch.setattr(label_config, "parse_config", lambda config: parses.append(1) or original(config))
     body = predict_body(path, [click_on(scene, 0)])
     body["label_config"] += "<!-- a config no other test sends -->"
     for _ in range(3):
@@ -377,7 +378,7 @@ def test_credentials_in_the_label_studio_url_never_appear_in_answers_or_logs(mak
             for path in ("/data/upload/1/missing.png", "/data/upload/1/gone.png"):
                 answers.append(client.post("/predict", json=predict_body(path, [click_on(scene, 0)])))
             client.post("/predict", json=predict_body("/data/upload/1/opened.png", None))
-            model.get_runtime().pre_encoder.wait_idle(30)
+            get_runtime().pre_encoder.wait_idle(30)
         logging.getLogger("test").info("%s", Settings(label_studio_url=url_with_credentials).redacted())
     assert all(400 <= a.status_code < 500 for a in answers)
     assert all(secret not in a.get_data(as_text=True) for a in answers)
@@ -561,7 +562,7 @@ def test_a_replay_keeps_only_its_last_states(make_client, image_server):
     path = image_server.add("/data/upload/1/long.png", encode_png(scene.pixels))
     clicks = [click_on(scene, 1)] + [click_on(scene, 0, positive=False)] * 11
     assert client.post("/predict", json=predict_body(path, clicks)).status_code == 200
-    states = model.get_runtime().segmenter.object_states.stats()
+    states = get_runtime().segmenter.object_states.stats()
     assert len(spy.decodes) == 12 and states.entries == segmenter_module.REPLAY_STATES_KEPT
     # The next click and an undo-and-click both find their prefix: one run each.
     assert client.post("/predict", json=predict_body(path, clicks + [click_on(scene, 1)])).status_code == 200

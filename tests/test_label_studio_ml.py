@@ -34,6 +34,7 @@ from conftest import (
 
 import _wsgi
 import model
+from segnext_backend import runtime as process_runtime
 from segnext_backend.errors import NotReadyError
 from segnext_backend.settings import Settings
 
@@ -41,14 +42,14 @@ from segnext_backend.settings import Settings
 @pytest.fixture
 def lazy_env(tmp_path, monkeypatch, image_server):
     """No models loaded in this process; the environment a lazy load reads: demo models, the image server."""
-    model.set_runtime(None)
+    process_runtime.set_runtime(None)
     for name in ("MODEL_URL", "MODEL_SHA256", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("DEMO", "true")
     monkeypatch.setenv("MODEL_DIR", str(tmp_path / "models"))
     monkeypatch.setenv("LABEL_STUDIO_URL", image_server.url)
     yield
-    model.set_runtime(None)
+    process_runtime.set_runtime(None)
 
 
 def test_label_studio_ml_init_app_serves_a_click_without_any_other_call(lazy_env, image_server, tmp_path):
@@ -66,75 +67,75 @@ def test_label_studio_ml_init_app_serves_a_click_without_any_other_call(lazy_env
         assert response.status_code == 200, response.get_data(as_text=True)
         region = response.json["results"][0]["result"][0]
         assert iou(decode_region(region, 800, 600), scene.objects[index]) >= 0.98
-    assert response.json["results"][0]["model_version"] == model.DEMO_VERSION
+    assert response.json["results"][0]["model_version"] == process_runtime.DEMO_VERSION
     opened = client.post("/predict", json=predict_body(path, None))
     assert opened.status_code == 200 and opened.json["results"] == [[]]
 
 
 def test_the_models_load_once_for_concurrent_first_requests(lazy_env, monkeypatch):
     loads = []
-    real_load = _wsgi.load
+    real_load = process_runtime.load
 
     def slow_load(settings):
         loads.append(settings)
         time.sleep(0.5)  # every thread asks while the first load is still running
         real_load(settings)
 
-    monkeypatch.setattr(_wsgi, "load", slow_load)
+    monkeypatch.setattr(process_runtime, "load", slow_load)
     runtimes = []
-    threads = [threading.Thread(target=lambda: runtimes.append(model.get_runtime())) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: runtimes.append(process_runtime.get_runtime())) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(READY_DEADLINE_SECONDS)
     assert len(loads) == 1 and loads[0].demo
     assert len(runtimes) == 8 and all(runtime is runtimes[0] for runtime in runtimes)
-    assert model.get_runtime() is runtimes[0]
+    assert process_runtime.get_runtime() is runtimes[0]
 
 
 def test_a_failed_load_is_reported_and_retried_only_after_a_while(lazy_env, monkeypatch):
     monkeypatch.setenv("DEMO", "false")
     monkeypatch.setenv("MODEL_URL", "")  # no model files and no download: the load fails
     attempts = []
-    real_load = _wsgi.load
-    monkeypatch.setattr(_wsgi, "load", lambda settings: (attempts.append(1), real_load(settings)))
+    real_load = process_runtime.load
+    monkeypatch.setattr(process_runtime, "load", lambda settings: (attempts.append(1), real_load(settings)))
     for _ in range(2):
         with pytest.raises(NotReadyError, match="could not be loaded.*place encoder.onnx and decoder.onnx in"):
-            model.get_runtime()
+            process_runtime.get_runtime()
     with pytest.raises(NotReadyError, match="could not be loaded"):
-        model.runtime_status()  # /health says why
+        process_runtime.runtime_status()  # /health says why
     assert len(attempts) == 1
-    monkeypatch.setattr(model, "LOAD_RETRY_SECONDS", 0.0)
+    monkeypatch.setattr(process_runtime, "LOAD_RETRY_SECONDS", 0.0)
     monkeypatch.setenv("DEMO", "true")
-    assert model.get_runtime().model_version == model.DEMO_VERSION
+    assert process_runtime.get_runtime().model_version == process_runtime.DEMO_VERSION
     assert len(attempts) == 2
 
 
 def test_health_starts_the_load_and_answers_503_until_it_is_done(lazy_env, monkeypatch):
     release = threading.Event()
-    real_load = _wsgi.load
-    monkeypatch.setattr(_wsgi, "load", lambda settings: (release.wait(30), real_load(settings)))
+    real_load = process_runtime.load
+    monkeypatch.setattr(process_runtime, "load", lambda settings: (release.wait(30), real_load(settings)))
     with pytest.raises(NotReadyError, match="loading"):
-        model.runtime_status()
+        process_runtime.runtime_status()
     release.set()
-    model.start_loading().result(READY_DEADLINE_SECONDS)
-    assert model.runtime_status()["demo"] is True
+    process_runtime.start_loading().result(READY_DEADLINE_SECONDS)
+    assert process_runtime.runtime_status()["demo"] is True
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_does_not_inherit_the_parents_models(lazy_env):
-    assert model.get_runtime() is not None
+    assert process_runtime.get_runtime() is not None
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report and leave at once (no interpreter teardown in a forked test process)
-        os.write(write_end, b"none" if model._runtime is None and model._load is None else b"inherited")
+        os.write(write_end, b"none" if process_runtime._runtime is None and process_runtime._load is None else b"inherited")
         os._exit(0)
     os.close(write_end)
     answer = os.read(read_end, 100)
     os.waitpid(pid, 0)
     os.close(read_end)
     assert answer == b"none"
-    assert model._runtime is not None  # the parent keeps its own
+    assert process_runtime._runtime is not None  # the parent keeps its own
 
 
 def test_setup_keeps_the_model_version_where_label_studio_ml_2_reads_it(lazy_env):
@@ -145,10 +146,10 @@ def test_setup_keeps_the_model_version_where_label_studio_ml_2_reads_it(lazy_env
     backend = model.SegNextBackend(label_config=LABEL_CONFIG)
     backend.get, backend.set = store.get, store.__setitem__
     backend.setup()
-    assert store["model_version"] in (model.SEGNEXT_VERSION, model.DEMO_VERSION)  # never null
-    model.start_loading().result(READY_DEADLINE_SECONDS)  # setup() started the load
+    assert store["model_version"] in (process_runtime.SEGNEXT_VERSION, process_runtime.DEMO_VERSION)  # never null
+    process_runtime.start_loading().result(READY_DEADLINE_SECONDS)  # setup() started the load
     backend.setup()
-    assert store["model_version"] == model.DEMO_VERSION
+    assert store["model_version"] == process_runtime.DEMO_VERSION
 
 
 def test_settings_accept_label_studio_ml_variable_names():
@@ -271,8 +272,9 @@ def test_the_product_never_imports_tools(tmp_path):
     # DEMO serves the package's own demo models; nothing the backend runs may come from tools/ or tests/.
     probe = (
         "import sys, _wsgi\n"
+        "from segnext_backend.runtime import load\n"
         "from segnext_backend.settings import Settings\n"
-        f"_wsgi.load(Settings(demo=True, model_dir=__import__('pathlib').Path({str(tmp_path)!r})))\n"
+        f"load(Settings(demo=True, model_dir=__import__('pathlib').Path({str(tmp_path)!r})))\n"
         "_wsgi.create_app(Settings())\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tools', 'tests', 'conftest')))\n"
     )

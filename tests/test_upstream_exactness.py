@@ -111,8 +111,8 @@ def test_masks_are_upstreams_click_for_click_and_replay_gives_the_same(name, mak
     if name == "4000x3000 edges":
         # The object's states are evicted (a restart, memory pressure): the whole sequence is replayed click
         # by click, and gives exactly what the clicks gave one at a time.
-        import model
+        from segnext_backend.runtime import get_runtime
 
-        model.get_runtime().segmenter.object_states.clear()
+        get_runtime().segmenter.object_states.clear()
         response = client.post("/predict", json=predict_body(path, points))
         assert response.json["results"][0]["result"][0]["value"]["rle"] == answers[-1]

@@ -8,7 +8,7 @@ Prints one markdown table (medians) and the machine. Each row is measured in thi
 
 - encoder / decoder: `session.run` alone, median of several runs after a warm-up; and the decoder as the
   backend runs it (`SegNextEngine.decode`, features bound where they live: on the GPU with `--device cuda`);
-- the HTTP rows go through the real Flask app (`_wsgi.create_app`, `model.build_runtime`) with the test
+- the HTTP rows go through the real Flask app (`_wsgi.create_app`, `segnext_backend.runtime.build_runtime`) with the test
   client, fetching a 12 MP JPEG from a local http.server that plays Label Studio (LABEL_STUDIO_URL):
   a warm click (features and the prefix's object state cached: one decoder run), the first click after the
   task was opened (context null, background encode awaited, then the click), and a click whose prefix state
@@ -26,7 +26,6 @@ Random weights make the timings right and the masks meaningless; nothing here ju
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import resource
@@ -38,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from tools.file_server import serve_files
+from tools.scenes import jpeg_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -69,32 +69,6 @@ def machine() -> str:
         f"{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}, "
         f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}"
     )
-
-
-def natural_image(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """A photo-like HxWx3 uint8 image (smooth gradients, a few objects, some noise): JPEGs to realistic sizes."""
-    rng = np.random.default_rng(seed)
-    small_h, small_w = 300, 400
-    yy, xx = np.mgrid[0:small_h, 0:small_w] / np.array([small_h, small_w])[:, None, None]
-    base = np.stack([0.4 + 0.3 * xx, 0.5 + 0.2 * yy, 0.6 - 0.3 * xx * yy], -1)
-    for _ in range(6):
-        cx, cy, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.2)
-        inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
-        base[inside] = rng.uniform(0, 1, 3)
-    from PIL import Image
-
-    small = Image.fromarray((np.clip(base, 0, 1) * 255).astype(np.uint8))
-    big = np.asarray(small.resize((width, height), Image.BILINEAR)).astype(np.int16)
-    big = big + rng.integers(-6, 7, size=(height, 1, 1), dtype=np.int16)  # row noise: cheap texture
-    return np.clip(big, 0, 255).astype(np.uint8)
-
-
-def jpeg_bytes(width: int, height: int, seed: int = 0) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(natural_image(width, height, seed)).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def keypoint(x_pct: float, y_pct: float, width: int, height: int, positive: bool = True) -> dict:
@@ -176,7 +150,7 @@ def ensure_models(models: Path) -> tuple[Path, Path]:
 def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tuple[str, str, str, str]]:
     """Measure everything; return rows (what, median, ratio, target)."""
     import _wsgi
-    import model
+    from segnext_backend import runtime as process_runtime
     from segnext_backend.device import choose_execution_providers
     from segnext_backend.engine import SegNextEngine
     from segnext_backend.geometry import ModelFrame, to_model_input
@@ -214,8 +188,8 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
     url, httpd = serve_files(files)
     try:
         settings = Settings(label_studio_url=url, label_studio_api_key="benchmark-token")
-        model.set_runtime(model.build_runtime(settings, spy))
-        runtime = model.get_runtime()
+        process_runtime.set_runtime(process_runtime.build_runtime(settings, spy))
+        runtime = process_runtime.get_runtime()
         segmenter = runtime.segmenter
         client = _wsgi.create_app(settings).test_client()
 
@@ -275,7 +249,7 @@ def run(models: Path, threads: int, runs: int, device: str = "cpu") -> list[tupl
         ref24 = source.locate("/data/upload/1/photo24.jpg", task_id=1)
         image_s, _ = timed(lambda: to_model_input(source.decode(source._fetch_uncached(ref24, {})[0])), max(2, runs // 2))
     finally:
-        model.set_runtime(None)
+        process_runtime.set_runtime(None)
         httpd.shutdown()
         httpd.server_close()
 

@@ -94,8 +94,8 @@ def make_object_like_(model: SegNextModel, images: list[torch.Tensor], scale: fl
 
 
 def object_like_calibration_images(count: int = 2, size: int = 1024) -> list[torch.Tensor]:
-    """Photo-like synthetic images (tools.benchmark.natural_image), as 1x3xSxS tensors in [0, 1]."""
-    from tools.benchmark import natural_image
+    """Photo-like synthetic images (tools.scenes.natural_image), as 1x3xSxS tensors in [0, 1]."""
+    from tools.scenes import natural_image
 
     return [
         torch.from_numpy(natural_image(size, size, seed=100 + i)).permute(2, 0, 1)[None].float() / 255

@@ -6,7 +6,7 @@ For each N, and for MAX_CONCURRENT_DECODES = 1 (the default) and = N, a FRESH su
 carries over from an earlier measurement):
 
 1. loads the engine on the benchmark models (`SegNextEngine`, `max_concurrent_decodes` from the settings, as
-   `_wsgi.load` wires it) and builds the runtime with `model.build_runtime`, as the tests' make_client
+   `segnext_backend.runtime.load` wires it) and builds the runtime with `build_runtime`, as the tests' make_client
    fixture does, with `dataclasses.replace(Settings(), max_concurrent_decodes=K)`;
 2. pre-encodes N different 1600x1200 PNG scenes (tools.scenes.make_scene), served by a local stand-in for Label
    Studio: one task open (context null) each, then waits for the background encodes;
@@ -52,9 +52,10 @@ def maxrss_mb() -> float:
 
 def child(models: Path, clicks: int, bound: int, threads: int) -> dict:
     """One measurement in this (fresh) process; returns the figures as a dict."""
-    import model
     from api import init_app
+    from model import SegNextBackend
     from segnext_backend.engine import SegNextEngine
+    from segnext_backend.runtime import build_runtime, runtime_status, set_runtime
     from segnext_backend.settings import Settings
     from tools.file_server import serve_files
     from tools.scenes import click_on, encode_png, make_scene, predict_body
@@ -76,9 +77,9 @@ def child(models: Path, clicks: int, bound: int, threads: int) -> dict:
             decoder_memory_arena=settings.decoder_memory_arena,
         )
         load_s = time.perf_counter() - started
-        runtime = model.build_runtime(settings, engine)
-        model.set_runtime(runtime)
-        app = init_app(model.SegNextBackend, basic_auth=None, status=model.runtime_status)
+        runtime = build_runtime(settings, engine)
+        set_runtime(runtime)
+        app = init_app(SegNextBackend, basic_auth=None, status=runtime_status)
         loaded_mb = maxrss_mb()
 
         # Pre-encode: open each task (context null starts the background encode), then wait for the worker.
@@ -140,7 +141,7 @@ def child(models: Path, clicks: int, bound: int, threads: int) -> dict:
             "first_answer_s": min(finished) - released,
         }
     finally:
-        model.set_runtime(None)
+        set_runtime(None)
         httpd.shutdown()
         httpd.server_close()
 

@@ -8,7 +8,7 @@ team's own labels through the backend's own code path.
 
 Each object gets 20 clicks from the robot of `tools/clicking_robot.py`; each click's mask comes from the
 package's `InteractiveSegmenter` over the backend's `SegNextEngine`, built from the environment's settings
-exactly as a serving process builds them (`_wsgi.load_runtime`): every image is encoded once, each click is
+exactly as a serving process builds them (`segnext_backend.runtime.load_runtime`): every image is encoded once, each click is
 one decoder run fed the previous prediction, and the mask is the one the backend would answer. Settings that
 change the answer (FAST_JPEG_DECODE, MASK_THRESHOLD, FEATURE_DISK_CACHE_DIR, DEVICE) are honoured, so the
 tool measures them too; Label Studio images are fetched with LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY.
@@ -115,11 +115,11 @@ def load_runtime(settings: Settings):
     missing = missing_model_files(settings.model_dir)
     if missing:
         raise EvaluationError(f"{settings.model_dir} has no {' and no '.join(missing)}: --models must name a folder with both model files")
-    import _wsgi
+    from segnext_backend import runtime as process_runtime
     from segnext_backend.engine import ModelInterfaceError
 
     try:
-        return _wsgi.load_runtime(settings)
+        return process_runtime.load_runtime(settings)
     except ModelInterfaceError as error:
         raise EvaluationError(str(error)) from None
 

@@ -87,7 +87,7 @@ FIRST_EVAL_SEED = 1000  # evaluation images never share a seed with the calibrat
 def calibration_images(folder: Path | None, count: int, first_seed: int = 0) -> list[np.ndarray]:
     """Model inputs (1x3x1024x1024 in [0, 1]) from a folder of images, or photo-like synthetic ones."""
     from segnext_backend.geometry import to_model_input
-    from tools.benchmark import natural_image
+    from tools.scenes import natural_image
 
     if folder is None:
         return [to_model_input(natural_image(1024, 1024, seed=first_seed + i)) for i in range(count)]

@@ -35,9 +35,10 @@ def main(argv=None) -> int:
     parser.add_argument("--clicks", type=int, default=40, help="clicks per kind and setting")
     args = parser.parse_args(argv)
 
-    import model
     from api import init_app
+    from model import SegNextBackend
     from segnext_backend.engine import SegNextEngine
+    from segnext_backend.runtime import build_runtime, runtime_status, set_runtime
     from segnext_backend.settings import Settings
     from segnext_backend.demo_models import build_demo_models
 
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     engine = SegNextEngine(*build_demo_models(folder / "models"), intra_op_threads=1)
     base = Settings(label_studio_url=url, local_files_document_root=str(folder))
     runtimes = {
-        every: model.build_runtime(replace(base, image_revalidate_seconds=0.0 if every else 3600.0), engine)
+        every: build_runtime(replace(base, image_revalidate_seconds=0.0 if every else 3600.0), engine)
         for every in (True, False)
     }
     kinds = {
@@ -86,13 +87,13 @@ def main(argv=None) -> int:
         for kind, path in kinds.items():
             times = {True: [], False: []}
             for every, runtime in runtimes.items():  # warm: features and the first click's state cached
-                model.set_runtime(runtime)
-                client = init_app(model.SegNextBackend, status=model.runtime_status).test_client()
+                set_runtime(runtime)
+                client = init_app(SegNextBackend, status=runtime_status).test_client()
                 assert client.post("/predict", json=predict_body(path, [first])).status_code == 200
             for _ in range(args.clicks):
                 for every, runtime in runtimes.items():
-                    model.set_runtime(runtime)
-                    client = init_app(model.SegNextBackend, status=model.runtime_status).test_client()
+                    set_runtime(runtime)
+                    client = init_app(SegNextBackend, status=runtime_status).test_client()
                     started = time.perf_counter()
                     response = client.post("/predict", json=predict_body(path, [first, second]))
                     times[every].append((time.perf_counter() - started) * 1000)
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     finally:
         for runtime in runtimes.values():
             runtime.pre_encoder.stop()
-        model.set_runtime(None)
+        set_runtime(None)
         httpd.shutdown()
     return 0
 

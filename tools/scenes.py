@@ -2,6 +2,7 @@
 
 Used by the tests, the load test and the memory measurement: each scene's objects are flat colours, so the
 test models segment them exactly and a returned mask can be checked against the object that was clicked.
+`natural_image` is photo-like instead, for the benchmarks and the calibration of the benchmark models.
 """
 
 from __future__ import annotations
@@ -78,6 +79,28 @@ def make_scene(width: int, height: int, seed: int = 0) -> Scene:
         pixels[shape] = colour
         objects.append(shape)
     return Scene(pixels=pixels, objects=objects)
+
+
+def natural_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A photo-like HxWx3 uint8 image (smooth gradients, a few objects, some noise): JPEGs to realistic sizes."""
+    rng = np.random.default_rng(seed)
+    small_h, small_w = 300, 400
+    yy, xx = np.mgrid[0:small_h, 0:small_w] / np.array([small_h, small_w])[:, None, None]
+    base = np.stack([0.4 + 0.3 * xx, 0.5 + 0.2 * yy, 0.6 - 0.3 * xx * yy], -1)
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0.1, 0.9), rng.uniform(0.1, 0.9), rng.uniform(0.05, 0.2)
+        inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        base[inside] = rng.uniform(0, 1, 3)
+    small = Image.fromarray((np.clip(base, 0, 1) * 255).astype(np.uint8))
+    big = np.asarray(small.resize((width, height), Image.BILINEAR)).astype(np.int16)
+    big = big + rng.integers(-6, 7, size=(height, 1, 1), dtype=np.int16)  # row noise: cheap texture
+    return np.clip(big, 0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(width: int, height: int, seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(natural_image(width, height, seed)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def encode_png(pixels: np.ndarray, exif_orientation: int | None = None) -> bytes:
