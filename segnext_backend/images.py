@@ -36,6 +36,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -43,6 +44,7 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from stat import S_ISREG
 from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit
 
 import numpy as np
@@ -521,18 +523,49 @@ class ImageSource:
         return self._get(ref.location, validators)
 
     def _read_local(self, path: Path, validators: dict) -> tuple[bytes | None, dict]:
+        """A regular file's bytes, at most MAX_IMAGE_BYTES, within IMAGE_DOWNLOAD_TIMEOUT. Anything else under
+        the root (a FIFO, which would block the reading thread forever; a device such as /dev/zero, which
+        reports size 0 and never ends; a folder) is refused before a byte is read: it is opened without
+        blocking and without following a symbolic link planted since `locate` resolved the path, and
+        fstat-ed, so what is checked is what is read."""
         try:
-            stat = path.stat()
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise ImageUnavailableError(f"the local file {path.name!r} does not exist under LOCAL_FILES_DOCUMENT_ROOT") from None
+        except OSError as error:  # permissions, a symbolic link (ELOOP), too many open files, ...
+            raise ImageUnavailableError(f"the local file {path.name!r} cannot be read: {type(error).__name__}") from None
+        try:
+            stat = os.fstat(fd)
+            if not S_ISREG(stat.st_mode):
+                raise ImageUnavailableError(
+                    f"the local file {path.name!r} is not a regular file (a folder, FIFO, socket or device): refused"
+                )
             now = {"stat": (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)}
             if validators and validators == now:
                 return None, validators
             if stat.st_size > self.config.max_bytes:
                 raise ImageTooLargeError(f"the local file is {stat.st_size} bytes, over the limit of {self.config.max_bytes} (MAX_IMAGE_BYTES)")
-            return path.read_bytes(), now
-        except FileNotFoundError:
-            raise ImageUnavailableError(f"the local file {path.name!r} does not exist under LOCAL_FILES_DOCUMENT_ROOT") from None
-        except (IsADirectoryError, PermissionError) as error:
+            os.set_blocking(fd, True)  # a regular file: reads return data or its end
+            return self._read_limited(fd, path), now
+        except OSError as error:  # an I/O error mid-read
             raise ImageUnavailableError(f"the local file {path.name!r} cannot be read: {type(error).__name__}") from None
+        finally:
+            os.close(fd)
+
+    def _read_limited(self, fd: int, path: Path) -> bytes:
+        """At most MAX_IMAGE_BYTES (a file may grow after its fstat), within IMAGE_DOWNLOAD_TIMEOUT (a slow
+        network file system is checked between reads)."""
+        deadline = time.monotonic() + self.config.download_timeout
+        body = bytearray()
+        while chunk := os.read(fd, _CHUNK):
+            body += chunk
+            if len(body) > self.config.max_bytes:
+                raise ImageTooLargeError(f"the local file {path.name!r} is over the limit of {self.config.max_bytes} bytes (MAX_IMAGE_BYTES)")
+            if time.monotonic() > deadline:
+                raise ImageUnavailableError(
+                    f"reading the local file {path.name!r} took longer than {self.config.download_timeout:g} s (IMAGE_DOWNLOAD_TIMEOUT)"
+                )
+        return bytes(body)
 
     def _get(self, url: str, validators: dict) -> tuple[bytes | None, dict]:
         """GET under the total deadline (IMAGE_DOWNLOAD_TIMEOUT), conditional when there are validators."""

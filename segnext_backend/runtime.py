@@ -107,6 +107,8 @@ def build_runtime(settings: Settings, engine: SegNextEngine) -> Runtime:
             ttl_seconds=settings.redis_ttl_seconds,
             socket_timeout=settings.redis_socket_timeout,
             retry_seconds=settings.redis_retry_seconds,
+            click_budget_seconds=settings.redis_click_budget_seconds,
+            encode_wait_seconds=settings.redis_encode_wait_seconds,
         )
         if shared_store.check():
             logger.info("sharing features and click states through Redis at %s", shared_store.url)
@@ -122,6 +124,7 @@ def build_runtime(settings: Settings, engine: SegNextEngine) -> Runtime:
         feature_disk_cache_bytes=settings.feature_disk_cache_bytes,
         shared_store=shared_store,
         max_decoder_runs=settings.max_decoder_runs_per_request,
+        feature_settings={"fast_jpeg_decode": settings.fast_jpeg_decode},
     )
     pre_encoder = PreEncoder(
         lambda ref: segmenter.encoded_image(image_source.current(ref)), settings.preencode_queue_length, abort_download
@@ -290,9 +293,5 @@ def runtime_status() -> dict:
             },
         },
         "redis": shared_status,
-        "warnings": (
-            [f"Redis unavailable ({shared_status['error']}): clicks are served from this process's caches alone"]
-            if shared_status.get("configured") and not shared_status["available"]
-            else []
-        ),
+        "warnings": shared_status.get("warnings", []),
     }

@@ -11,6 +11,11 @@
   gives exactly what the clicks would have given one at a time.
 - Clicks are keyed in the model frame (whole pixels of the 1024 frame, upstream's rounding), which is what
   the decoder sees.
+- Features also depend on how they were computed: how the image was decoded (FAST_JPEG_DECODE) and what
+  ran the encoder (execution provider, OpenVINO's precision). That is `feature_identity`, part of every key
+  of features kept outside this object (disk, Redis), so that a process with other such settings never reads
+  them. The memory cache lives and dies with this object, whose identity never changes: it is keyed by the
+  image alone.
 
 This is the package's front door; it knows nothing of Label Studio or HTTP.
 """
@@ -22,6 +27,7 @@ import logging
 import os
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -40,6 +46,11 @@ logger = logging.getLogger(__name__)
 # A replay keeps the states of its last few click prefixes only (what the next click, or an undo and a new
 # click, will ask for): a long replay does not push every other annotator's states out of the cache.
 REPLAY_STATES_KEPT = 4
+
+# A `.tmp` file in the feature disk cache older than this is a crashed writer's leftover (a write of 6.3 MB
+# takes well under a second): removed by the next trim. Younger ones may be another process's write in
+# progress: kept, but counted against the folder's budget.
+DISK_CACHE_LEFTOVER_SECONDS = 600.0
 
 ClickKey = tuple[tuple[int, int, int], ...]  # ((x, y, label), ...) in the model frame, label 1 or 0
 
@@ -96,6 +107,7 @@ class InteractiveSegmenter:
         feature_disk_cache_bytes: int = 4 * 1024 * 1024 * 1024,
         shared_store=None,
         max_decoder_runs: int = 100,
+        feature_settings: dict | None = None,
     ):
         """`load_image(image_key)` returns the image's HxWx3 uint8 RGB pixels (fetching is its business).
 
@@ -108,6 +120,10 @@ class InteractiveSegmenter:
 
         `shared_store`: a `shared_store.SharedStore` (Redis), the tier between the memory caches and the disk
         cache or the encoder, shared by every process of the fleet. None (the default): off.
+
+        `feature_settings`: the settings outside the engine that change the features `load_image`'s pixels
+        give (e.g. {"fast_jpeg_decode": True}); with the engine's provider and precision they are the
+        features' identity, part of their disk and Redis keys.
         """
         self.engine = engine
         self.load_image = load_image
@@ -122,6 +138,11 @@ class InteractiveSegmenter:
         self.feature_disk_cache_dir = Path(feature_disk_cache_dir) if feature_disk_cache_dir else None
         self.feature_disk_cache_bytes = feature_disk_cache_bytes
         self.shared_store = shared_store
+        self.feature_identity = (
+            ("execution_provider", engine.execution_providers[0]),
+            ("openvino_precision", engine.openvino_precision),
+            *sorted((feature_settings or {}).items()),
+        )
         self.disk_cache_hits = 0
         self._disk_hits_lock = threading.Lock()
         if self.feature_disk_cache_dir is not None:
@@ -130,6 +151,12 @@ class InteractiveSegmenter:
             except OSError as error:  # the cache costs only itself: without its folder, it is off
                 logger.warning("feature disk cache off: cannot create %s: %s", self.feature_disk_cache_dir, error)
                 self.feature_disk_cache_dir = None
+        if self.feature_disk_cache_dir is not None:
+            self._trim_disk_cache()  # a crash's leftovers, and a budget lowered since the last run
+
+    def _redis_click(self):
+        """The scope of one click's (or pre-encode's) Redis budget (shared_store.py)."""
+        return self.shared_store.click() if self.shared_store is not None else nullcontext()
 
     # -- images -------------------------------------------------------------------------------------------
 
@@ -161,7 +188,8 @@ class InteractiveSegmenter:
                 logger.warning("feature disk cache: %s", error)
             return encoded
 
-        return self.feature_cache.get_or_compute(image_key, encode)
+        with self._redis_click():
+            return self.feature_cache.get_or_compute(image_key, encode)
 
     def _shared_encoded_image(self, image_key, encode_here, timings: PredictionTimings | None) -> EncodedImage:
         """The features from Redis, or from `encode_here` under the fleet's encode lock (then put in Redis)."""
@@ -171,7 +199,7 @@ class InteractiveSegmenter:
             # A copy: a host OrtValue's .numpy() may share memory the OrtValue frees with it.
             return np.array(encoded.features.numpy()), encoded.width, encoded.height
 
-        features, width, height, from_redis = self.shared_store.features(image_key, compute)
+        features, width, height, from_redis = self.shared_store.features((image_key, self.feature_identity), compute)
         if timings is not None:
             timings.shared_cache_hit = from_redis
         return EncodedImage(key=image_key, features=self.engine.features_from_numpy(features), width=width, height=height)
@@ -188,7 +216,7 @@ class InteractiveSegmenter:
         except OSError:
             modified = 0
         model_id = f"{encoder.path}|{encoder.size_bytes}|{modified}"
-        identity = f"{type(image_key).__name__}|{getattr(image_key, 'kind', '')}|{image_key}|{model_id}"
+        identity = f"{type(image_key).__name__}|{getattr(image_key, 'kind', '')}|{image_key}|{model_id}|{self.feature_identity}"
         return self.feature_disk_cache_dir / (hashlib.sha256(identity.encode()).hexdigest() + ".npz")
 
     def _read_disk_features(self, image_key) -> EncodedImage | None:
@@ -231,15 +259,26 @@ class InteractiveSegmenter:
         self._trim_disk_cache()
 
     def _trim_disk_cache(self) -> None:
-        """Remove the least recently used feature files until the folder fits its byte budget."""
-        files = []
-        for path in self.feature_disk_cache_dir.glob("*.npz"):
+        """Remove crashed writers' leftovers, then the least recently used feature files until the folder
+        fits its byte budget (writes in progress counted)."""
+        files, writing = [], 0
+        for path in [*self.feature_disk_cache_dir.glob("*.npz"), *self.feature_disk_cache_dir.glob(".*.tmp")]:
             try:
-                stat = path.stat()
+                stat = path.lstat()
             except OSError:  # removed by another worker meanwhile
                 continue
-            files.append((stat.st_mtime_ns, stat.st_size, path))
-        total = sum(size for _, size, _ in files)
+            if path.suffix == ".npz":
+                files.append((stat.st_mtime_ns, stat.st_size, path))
+            elif time.time() - stat.st_mtime < DISK_CACHE_LEFTOVER_SECONDS:
+                writing += stat.st_size
+            else:
+                try:
+                    path.unlink()
+                    logger.info("feature disk cache: removed %s, left by a write that never finished", path.name)
+                except OSError as error:
+                    writing += stat.st_size
+                    logger.warning("feature disk cache: cannot remove %s: %s", path.name, error)
+        total = writing + sum(size for _, size, _ in files)
         for _, size, path in sorted(files):
             if total <= self.feature_disk_cache_bytes:
                 break
@@ -271,17 +310,21 @@ class InteractiveSegmenter:
         return key in self.object_states or (self.shared_store is not None and self.shared_store.has_state(key))
 
     def _check_decoder_runs(self, image_key, frame: ModelFrame, clicks: ClickKey) -> None:
-        """Refuse, before any work, a click whose replay would cost more decoder runs than one request may."""
+        """Refuse, before any work, a click whose replay would cost more decoder runs than one request may.
+        A state found here may still be unusable or evicted when it is read: `_object_logits` counts again."""
         size = (frame.width, frame.height)
         runs = 0
         while runs < len(clicks) and not self._state_kept((image_key, size, clicks[: len(clicks) - runs])):
             runs += 1
             if runs > self.max_decoder_runs:
-                raise RequestError(
-                    f"this click would replay more than {self.max_decoder_runs} of its object's {len(clicks)} clicks "
-                    "(their states are not kept), over the limit of decoder runs per request "
-                    "(MAX_DECODER_RUNS_PER_REQUEST)"
-                )
+                raise self._too_many_decoder_runs(len(clicks))
+
+    def _too_many_decoder_runs(self, clicks: int) -> RequestError:
+        return RequestError(
+            f"this click would replay more than {self.max_decoder_runs} of its object's {clicks} clicks "
+            "(their states are not kept), over the limit of decoder runs per request "
+            "(MAX_DECODER_RUNS_PER_REQUEST)"
+        )
 
     def _object_logits(
         self, image: EncodedImage, frame: ModelFrame, clicks: ClickKey, timings: PredictionTimings, depth: int = 0
@@ -303,6 +346,8 @@ class InteractiveSegmenter:
                 # SegNext is trained with the previous prediction's probability, not its logits or its mask;
                 # upstream keeps it at the image's size and resizes it back to 1024 for the next click.
                 prev_mask = frame.through_frame(self._object_logits(image, frame, clicks[:-1], timings, depth + 1), sigmoid)
+            if timings.decoder_runs >= self.max_decoder_runs:  # states that were there at the check are not now
+                raise self._too_many_decoder_runs(len(clicks) + depth)
             coords = np.array([(x, y) for x, y, _ in clicks], dtype=np.float32)
             labels = np.array([label for _, _, label in clicks], dtype=np.float32)
             started = time.perf_counter()
@@ -327,9 +372,10 @@ class InteractiveSegmenter:
         frame = ModelFrame(frame_width, frame_height)
         click_key = self._click_key(clicks, frame)
         timings = PredictionTimings()
-        self._check_decoder_runs(image_key, frame, click_key)
-        image = self.encoded_image(image_key, timings)
-        logits = self._object_logits(image, frame, click_key, timings)
+        with self._redis_click():
+            self._check_decoder_runs(image_key, frame, click_key)
+            image = self.encoded_image(image_key, timings)
+            logits = self._object_logits(image, frame, click_key, timings)
         started = time.perf_counter()
         object_mask = logits_to_mask(logits, frame, self.mask_threshold)
         timings.postprocess_ms = (time.perf_counter() - started) * 1000

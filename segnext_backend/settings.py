@@ -135,6 +135,12 @@ class Settings:
     redis_socket_timeout: float = 1.0
     # After a Redis failure, serve from this process's caches alone this long before trying Redis again.
     redis_retry_seconds: float = 10.0
+    # Redis time one click may spend (all its calls together); then it goes on without Redis, and /health and
+    # /metrics report Redis as slow. A click spends at most this plus one REDIS_SOCKET_TIMEOUT in Redis calls.
+    redis_click_budget_seconds: float = 1.0
+    # How long a click waits for another process's encode of its image (that process holds the image's encode
+    # lock) before encoding it itself: a holder that hangs but lives keeps renewing its lock.
+    redis_encode_wait_seconds: float = 180.0
     # Which control answers a click when several on the image carry its label: the first kind in this order
     # that has one. Kinds left out are never answered. Brush first: the mask as it is, as before polygons.
     region_control_order: tuple[str, ...] = REGION_KINDS
@@ -256,6 +262,10 @@ class Settings:
             redis_ttl_seconds=number("REDIS_TTL_SECONDS", defaults.redis_ttl_seconds, int, 1),
             redis_socket_timeout=number("REDIS_SOCKET_TIMEOUT", defaults.redis_socket_timeout, float, 0.01),
             redis_retry_seconds=number("REDIS_RETRY_SECONDS", defaults.redis_retry_seconds, float, 0.0),
+            redis_click_budget_seconds=number(
+                "REDIS_CLICK_BUDGET_SECONDS", defaults.redis_click_budget_seconds, float, 0.0
+            ),
+            redis_encode_wait_seconds=number("REDIS_ENCODE_WAIT_SECONDS", defaults.redis_encode_wait_seconds, float, 0.0),
             region_control_order=order,
             polygon_tolerance=polygon_tolerance,
             polygon_min_area=polygon_min_area,

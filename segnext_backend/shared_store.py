@@ -13,7 +13,8 @@ it lacks from here first, so any process on any machine can serve any click of a
   a click served from a state read here gives the mask the process that computed it would give.
 - An image is encoded once across the fleet: the first process to want it takes a lock (SET NX with an
   expiry) and renews it while it encodes; the others wait for the features to appear. A lock whose holder
-  died (nobody renews it) expires, and a waiter then takes it and encodes itself.
+  died (nobody renews it) expires, and a waiter then takes it and encodes itself. A holder that lives but
+  hangs keeps renewing: a waiter gives up after `encode_wait_seconds` and encodes itself.
 - Keys are a SHA-256 of the segmenter's own key object (its compared fields, so a task id that is not part
   of an image's identity is not part of the key either) under a namespace of the loaded model files'
   digests: a process with other model files never reads these values.
@@ -24,6 +25,14 @@ Faults: each Redis call is bounded by a short socket timeout and never retried o
 error or time-out marks Redis unavailable for `retry_seconds`, during which clicks go on with the in-process
 caches alone (and /health says so); the first call after that tries again. Nothing is lost with a process
 that dies: everything another process needs was written to Redis before the click that made it was answered.
+A Redis that answers, but slowly, would cost every call of a click its delay (a replay makes dozens): within
+`click()` (one click, one pre-encode) Redis calls stop once they have taken `click_budget_seconds`, and the
+click goes on without Redis; such clicks are counted and reported (/health, /metrics). So a click spends at
+most `click_budget_seconds` plus one socket timeout in Redis calls.
+
+What is read is used only when it is exactly what this backend writes: the magic, the shape (features
+FEATURE_SHAPE with a width and height of at least 1, states the decoder's logits shape), the length and
+finite values. Anything else is a miss, computed again and overwritten.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .engine import FEATURE_SHAPE
+from .geometry import MODEL_SIZE
 from .settings import redact_url
 
 logger = logging.getLogger(__name__)
@@ -53,6 +63,9 @@ FEATURES_MAGIC = b"SNF1"  # + width, height (uint32 LE) + float16 features, C or
 STATE_MAGIC = b"SNS1"  # + rows, cols (uint32 LE) + float32 logits, C order
 HEADER = struct.Struct("<4sII")
 _FAILED = object()
+STATE_SHAPE = (MODEL_SIZE, MODEL_SIZE)  # the decoder's logits
+# How long after a click went over its Redis budget /health still reports Redis as slow.
+SLOW_REPORT_SECONDS = 60.0
 
 # Deleting or extending the lock only while it is still ours: after an expiry another process may hold it.
 _RELEASE_LOCK = """
@@ -91,8 +104,11 @@ class SharedStoreStats:
     state_misses: int = 0
     state_writes: int = 0
     encode_waits: int = 0  # times this process waited for another process's encode
+    encode_wait_timeouts: int = 0  # ... and gave up after encode_wait_seconds, encoding itself
     errors: int = 0
     seconds: float = 0.0  # spent in Redis calls, waiting for other processes' encodes excluded
+    clicks_over_budget: int = 0  # clicks whose Redis calls took click_budget_seconds: the rest went without
+    foreign_values: int = 0  # values under a backend key that were not exactly a state or features: misses
 
 
 class SharedStore:
@@ -106,6 +122,8 @@ class SharedStore:
         retry_seconds: float = 10.0,
         lock_seconds: float = 15.0,
         poll_seconds: float = 0.05,
+        click_budget_seconds: float = 1.0,
+        encode_wait_seconds: float = 180.0,
     ):
         self.url = redact_url(url)
         self.namespace = namespace
@@ -113,6 +131,10 @@ class SharedStore:
         self.retry_seconds = retry_seconds
         self.lock_ms = int(lock_seconds * 1000)
         self.poll_seconds = poll_seconds
+        self.click_budget_seconds = click_budget_seconds
+        self.encode_wait_seconds = encode_wait_seconds
+        self._click = threading.local()  # .spent: seconds in Redis calls of the click this thread serves
+        self._over_budget_at: float | None = None  # time.monotonic() of the last click over its budget
         # No retries inside the client: a failed call costs one time-out, then Redis is left alone a while.
         self._client = redis.Redis.from_url(
             url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, retry=Retry(NoBackoff(), 0)
@@ -131,14 +153,43 @@ class SharedStore:
             for name, amount in increments.items():
                 setattr(self.stats, name, getattr(self.stats, name) + amount)
 
-    def _call(self, operation: Callable[[], Any], default: Any = None) -> Any:
-        """operation() against Redis, or `default` when Redis is unavailable or fails (never raises)."""
-        if time.monotonic() < self._down_until:
+    @contextmanager
+    def click(self):
+        """Redis calls made by this thread within the block share one budget of `click_budget_seconds`; once
+        it is spent, they are skipped (as when Redis is unavailable). Nested blocks share the outer budget."""
+        if getattr(self._click, "spent", None) is not None:
+            yield
+            return
+        self._click.spent, self._click.over = 0.0, False
+        try:
+            yield
+        finally:
+            self._click.spent = None
+
+    def _over_budget(self) -> bool:
+        spent = getattr(self._click, "spent", None)
+        if spent is None or spent < self.click_budget_seconds:
+            return False
+        if not self._click.over:
+            self._click.over = True
+            self._over_budget_at = time.monotonic()
+            self._count(clicks_over_budget=1)
+            logger.warning(
+                "Redis at %s is slow: a click spent %.2f s in Redis calls, over REDIS_CLICK_BUDGET_SECONDS (%g s); "
+                "it goes on without Redis", self.url, spent, self.click_budget_seconds
+            )
+        return True
+
+    def _call(self, operation: Callable[[], Any], default: Any = None, budgeted: bool = True) -> Any:
+        """operation() against Redis, or `default` when Redis is unavailable or fails (never raises), or when
+        the click this thread serves has spent its Redis budget (unless `budgeted` is False: releasing a lock)."""
+        if time.monotonic() < self._down_until or (budgeted and self._over_budget()):
             return default
         started = time.perf_counter()
         try:
             result = operation()
         except (redis.ConnectionError, redis.TimeoutError, OSError) as error:
+            self._spend(time.perf_counter() - started)
             self._count(errors=1, seconds=time.perf_counter() - started)
             self._down_until = time.monotonic() + self.retry_seconds
             if self._last_error is None:
@@ -149,18 +200,30 @@ class SharedStore:
             self._last_error = f"{type(error).__name__}: {error}"
             return default
         except redis.RedisError as error:  # the server answered with an error (e.g. out of memory, noeviction)
+            self._spend(time.perf_counter() - started)
             self._count(errors=1, seconds=time.perf_counter() - started)
             logger.warning("Redis at %s refused a command: %s", self.url, error)
             return default
+        self._spend(time.perf_counter() - started)
         self._count(seconds=time.perf_counter() - started)
         if self._last_error is not None:
             logger.warning("Redis at %s is reachable again: sharing features and click states", self.url)
             self._last_error = None
         return result
 
+    def _spend(self, seconds: float) -> None:
+        if getattr(self._click, "spent", None) is not None:
+            self._click.spent += seconds
+
     @property
     def available(self) -> bool:
         return self._last_error is None
+
+    @property
+    def slow(self) -> bool:
+        """Whether a click went over its Redis budget within the last SLOW_REPORT_SECONDS."""
+        at = self._over_budget_at
+        return at is not None and time.monotonic() - at < SLOW_REPORT_SECONDS
 
     def check(self) -> bool:
         """Ping Redis (unless a recent failure says to wait): True when it answers."""
@@ -168,14 +231,29 @@ class SharedStore:
 
     def status(self) -> dict:
         """For /health and /metrics: pings Redis (unless a recent failure says to wait), so that it is current."""
+        started = time.perf_counter()
         self.check()
+        ping_seconds = time.perf_counter() - started
         with self._stats_lock:
             stats = dataclasses.asdict(self.stats)
+        warnings = []
+        if not self.available:
+            warnings.append(f"Redis unavailable ({self._last_error}): clicks are served from this process's caches alone")
+        elif self.slow:
+            warnings.append(
+                f"Redis slow: {stats['clicks_over_budget']} clicks so far spent over REDIS_CLICK_BUDGET_SECONDS "
+                f"({self.click_budget_seconds:g} s) in Redis calls and went on without it, the last "
+                f"{time.monotonic() - self._over_budget_at:.0f} s ago"
+            )
         return {
             "configured": True,
             "url": self.url,
             "available": self.available,
             "error": self._last_error,
+            "slow": self.slow,
+            "ping_seconds": round(ping_seconds, 4),
+            "click_budget_seconds": self.click_budget_seconds,
+            "warnings": warnings,
             **stats,
         }
 
@@ -191,22 +269,28 @@ class SharedStore:
     def _set(self, name: str, value: bytes) -> bool:
         return bool(self._call(lambda: self._client.set(name, value, ex=self.ttl_seconds), default=False))
 
-    @staticmethod
-    def _unpack(value: bytes | None, magic: bytes, dtype: str, shape_of: Callable[[int, int], tuple]):
-        if value is None or len(value) < HEADER.size:
+    def _unpack(self, value: bytes | None, magic: bytes, dtype: str, exact: Callable[[int, int], bool], shape: tuple):
+        """(array, first, second) when `value` is exactly what this backend writes (see the module's
+        docstring), else None."""
+        if value is None:
             return None
-        found, first, second = HEADER.unpack_from(value)
-        shape = shape_of(first, second)
         data = memoryview(value)[HEADER.size :]
-        if found != magic or len(data) != int(np.prod(shape)) * np.dtype(dtype).itemsize:
-            logger.warning("ignoring a foreign value in Redis (%d bytes)", len(value))
-            return None
-        return np.frombuffer(data, dtype=dtype).reshape(shape), first, second
+        if len(value) >= HEADER.size:
+            found, first, second = HEADER.unpack_from(value)
+            if found == magic and exact(first, second) and len(data) == int(np.prod(shape)) * np.dtype(dtype).itemsize:
+                array = np.frombuffer(data, dtype=dtype).reshape(shape)
+                if np.isfinite(array).all():
+                    return array, first, second
+        self._count(foreign_values=1)
+        logger.warning("ignoring a foreign value in Redis (%d bytes): a miss", len(value))
+        return None
 
     # -- object states ------------------------------------------------------------------------------------
 
     def load_state(self, key: Any) -> np.ndarray | None:
-        unpacked = self._unpack(self._get(self._key("state", key)), STATE_MAGIC, "<f4", lambda rows, cols: (rows, cols))
+        unpacked = self._unpack(
+            self._get(self._key("state", key)), STATE_MAGIC, "<f4", lambda rows, cols: (rows, cols) == STATE_SHAPE, STATE_SHAPE
+        )
         if unpacked is None:
             self._count(state_misses=1)
             return None
@@ -226,7 +310,7 @@ class SharedStore:
     # -- features, encoded once across the fleet ----------------------------------------------------------
 
     def _load_features(self, name: str) -> tuple[np.ndarray, int, int] | None:
-        return self._unpack(self._get(name), FEATURES_MAGIC, "<f2", lambda width, height: FEATURE_SHAPE)
+        return self._unpack(self._get(name), FEATURES_MAGIC, "<f2", lambda width, height: width >= 1 and height >= 1, FEATURE_SHAPE)
 
     def features(
         self, key: Any, compute: Callable[[], tuple[np.ndarray, int, int]]
@@ -271,7 +355,10 @@ class SharedStore:
         return features, width, height, False
 
     def _wait_for_encode(self, name: str, lock: str) -> bool:
-        """Wait while another process holds the lock and the features are not there; False if Redis fails."""
+        """Wait while another process holds the lock and the features are not there; False if Redis fails,
+        or when the holder has not written them within `encode_wait_seconds` (it may hang, renewing its lock:
+        this process then encodes itself)."""
+        deadline = time.monotonic() + self.encode_wait_seconds
         while True:
             exists = self._call(lambda: self._client.pipeline(transaction=False).exists(name).exists(lock).execute())
             if exists is None:
@@ -279,6 +366,13 @@ class SharedStore:
             features_there, lock_held = exists
             if features_there or not lock_held:  # written, or released without them, or the holder died
                 return True
+            if time.monotonic() >= deadline:
+                self._count(encode_wait_timeouts=1)
+                logger.warning(
+                    "another process has held the encode lock of an image for over %g s (REDIS_ENCODE_WAIT_SECONDS): "
+                    "encoding it here", self.encode_wait_seconds
+                )
+                return False
             time.sleep(self.poll_seconds)
 
     @contextmanager
@@ -296,4 +390,4 @@ class SharedStore:
             yield
         finally:
             done.set()
-            self._call(lambda: self._release(keys=[lock], args=[token]))
+            self._call(lambda: self._release(keys=[lock], args=[token]), budgeted=False)

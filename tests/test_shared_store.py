@@ -7,6 +7,7 @@ the server is killed, paused (SIGSTOP: connections accepted, never answered) and
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -150,16 +151,17 @@ def test_the_lock_is_renewed_while_a_slow_encode_runs(test_model_paths, redis_se
 def test_a_lock_holder_killed_mid_encode_is_taken_over_after_its_lock_expires(test_model_paths, redis_server):
     scene = make_scene(640, 480, seed=15)
     # Another process takes the encode lock for this image (lock expiry 1 s, renewed) and is killed mid-encode.
+    process = Process(test_model_paths, {"img": scene}, store_for(redis_server.url))
+    key = ("img", process.segmenter.feature_identity)  # the features' key: the image and how they are computed
     holder = subprocess.Popen(
         [sys.executable, "-c", (
-            "import sys, time; sys.path.insert(0, sys.argv[1])\n"
+            "import json, sys, time; sys.path.insert(0, sys.argv[1])\n"
             "from segnext_backend.shared_store import SharedStore\n"
             "store = SharedStore(sys.argv[2], namespace='test', lock_seconds=1.0)\n"
-            "store.features('img', lambda: time.sleep(1000))\n"
-        ), str(ROOT), redis_server.url],
+            "store.features(json.loads(sys.argv[3]), lambda: time.sleep(1000))\n"
+        ), str(ROOT), redis_server.url, json.dumps(key)],
     )
-    process = Process(test_model_paths, {"img": scene}, store_for(redis_server.url))
-    lock = process.store._key("encoding", "img")
+    lock = process.store._key("encoding", key)
     deadline = time.monotonic() + 120
     while not process.store._client.exists(lock):
         assert time.monotonic() < deadline and holder.poll() is None
@@ -245,9 +247,9 @@ def test_foreign_or_truncated_values_are_a_miss(test_model_paths, redis_server):
     scene = make_scene(640, 480, seed=20)
     store = store_for(redis_server.url)
     process = Process(test_model_paths, {"img": scene}, store)
-    store._client.set(store._key("features", "img"), b"SNF1" + b"\0" * 20)
+    store._client.set(store._key("features", ("img", process.segmenter.feature_identity)), b"SNF1" + b"\0" * 20)
     process.segmenter.encoded_image("img")
-    assert process.spy.encodes == 1
+    assert process.spy.encodes == 1 and store.stats.foreign_values == 1
 
 
 def test_keys_ignore_fields_outside_the_identity_and_differ_by_model():
