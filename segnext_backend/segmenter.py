@@ -113,10 +113,11 @@ class InteractiveSegmenter:
 
         `feature_disk_cache_dir`: when set, every encoded image's features are also written there as float16
         (6.3 MB per image) and read back instead of encoding when the memory cache no longer has them (after a
-        restart, an eviction, or in another worker process). Files are keyed by the image key and the encoder
-        file (path, size, modification time). The folder is kept under `feature_disk_cache_bytes`, least
-        recently used files out first (a read refreshes a file's time). The float16 rounding moves the logits
-        slightly (docs/performance.md). None (the default): off.
+        restart, an eviction, or in another worker process). Files are keyed by the image key, the encoder
+        file (path, size, modification time) and `feature_identity`. The folder is kept under
+        `feature_disk_cache_bytes`, least recently used files out first (a read refreshes a file's time), writes
+        in progress counted, a crashed write's leftover removed. The float16 rounding moves the logits slightly
+        (docs/performance.md). None (the default): off.
 
         `shared_store`: a `shared_store.SharedStore` (Redis), the tier between the memory caches and the disk
         cache or the encoder, shared by every process of the fleet. None (the default): off.
