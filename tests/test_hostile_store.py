@@ -308,13 +308,13 @@ def test_features_of_another_decode_setting_are_never_reused_from_redis(test_mod
 
 
 def test_the_runtime_keys_features_by_the_decode_setting(test_model_paths):
-    import model
+    from segnext_backend.runtime import build_runtime
     from segnext_backend.settings import Settings
 
     engine = SegNextEngine(*test_model_paths, intra_op_threads=1)
     identities = []
     for fast in (False, True):
-        runtime = model.build_runtime(Settings(fast_jpeg_decode=fast), engine)
+        runtime = build_runtime(Settings(fast_jpeg_decode=fast), engine)
         runtime.pre_encoder.stop()
         identities.append(dict(runtime.segmenter.feature_identity))
     assert [identity["fast_jpeg_decode"] for identity in identities] == [False, True]
