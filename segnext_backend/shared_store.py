@@ -248,6 +248,7 @@ class SharedStore:
         return {
             "configured": True,
             "url": self.url,
+            "namespace": self.namespace,  # the loaded model files': keys are segnext:<namespace>:<kind>:<digest>
             "available": self.available,
             "error": self._last_error,
             "slow": self.slow,

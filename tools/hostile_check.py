@@ -20,9 +20,12 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import hashlib
+import io
 import json
 import os
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -31,15 +34,19 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import requests
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tools.file_server import BytesHandler, free_port, start_server  # noqa: E402
+from tools.fleet import RedisServer, find_binary  # noqa: E402
+from tools.slow_proxy import SlowProxy  # noqa: E402
 from tools.scenes import Scene, click_on, decode_region, encode_png, iou, keypoint, make_scene, predict_body  # noqa: E402
 
 USER, PASSWORD = "annotator", "Grüße"  # Latin-1 from python-requests, UTF-8 from curl
@@ -51,8 +58,12 @@ def mirrored(scene: Scene) -> Scene:
     return Scene(pixels=np.ascontiguousarray(scene.pixels[:, ::-1]), objects=[o[:, ::-1] for o in scene.objects])
 
 
+def enlarged_array(array: np.ndarray, factor: int) -> np.ndarray:
+    return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
+
+
 def enlarged(scene: Scene, factor: int) -> bytes:
-    return encode_png(np.repeat(np.repeat(scene.pixels, factor, axis=0), factor, axis=1))
+    return encode_png(enlarged_array(scene.pixels, factor))
 
 
 @dataclass
@@ -144,6 +155,67 @@ class Honest:
         return [c for c in self.clicks if start <= c[0] <= end]
 
 
+class HostileStores:
+    """Round two's places and stores: a FIFO (and, where this user may create one, a device) under
+    LOCAL_FILES_DOCUMENT_ROOT, a crash's leftover in the disk feature cache, and, where redis-server is
+    installed, a real Redis behind a proxy that can make it slow (tools/slow_proxy.py)."""
+
+    LEFTOVER_BYTES = 40_000_000  # over FEATURE_DISK_CACHE_BYTES by itself
+
+    def __init__(self, workdir: Path):
+        self.local = workdir / "local"
+        self.local.mkdir()
+        os.mkfifo(self.local / "pipe.png")
+        try:  # /dev/zero's kind: reports size 0 and never ends
+            os.mknod(self.local / "zero.png", 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+            self.device = True
+        except OSError:
+            self.device = False
+        self.features = workdir / "features"
+        self.leftover_at_start = self.plant_leftover("start")
+        self.redis = self.proxy = None
+        if find_binary("redis-server") is not None:
+            self.redis = RedisServer(workdir).start()
+            self.proxy = SlowProxy(self.redis.port)
+
+    def plant_leftover(self, name: str) -> Path:
+        """A `.tmp` file as a worker killed mid-write leaves it, an hour old."""
+        path = self.features / f".{name}.npz.1.2.tmp"
+        path.write_bytes(b"x" * self.LEFTOVER_BYTES)
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+        return path
+
+    def folder_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.features.iterdir() if path.is_file())
+
+    def env(self) -> dict:
+        return {"LOCAL_FILES_DOCUMENT_ROOT": str(self.local), **({"REDIS_URL": self.proxy.url} if self.proxy else {})}
+
+    def plant_unusable_states(self, health: dict, image: bytes, body: dict, prefixes) -> None:
+        """Values under the backend's own state keys with the right header and a consistent length, but not
+        the decoder's 1024 x 1024: for the clicks of `body`'s first `k` keypoints, each k in `prefixes`."""
+        from model import clicks_from_context
+        from segnext_backend.geometry import ModelFrame
+        from segnext_backend.images import ImageRef, ImageVersion
+        from segnext_backend.segmenter import InteractiveSegmenter
+        from segnext_backend.shared_store import HEADER, STATE_MAGIC, SharedStore
+
+        store = SharedStore(self.redis.url, namespace=health["redis"]["namespace"])
+        version = ImageVersion(hashlib.sha256(image).hexdigest(), ImageRef("url", ""))
+        value = HEADER.pack(STATE_MAGIC, 512, 2048) + bytes(512 * 2048 * 4)
+        for k in prefixes:
+            obj = clicks_from_context({"result": body["params"]["context"]["result"][:k]})
+            frame = ModelFrame(obj.original_width, obj.original_height)
+            # The segmenter's own click key (its method needs only the click limit of the object).
+            clicks = InteractiveSegmenter._click_key(SimpleNamespace(max_clicks=k), obj.clicks, frame)
+            store._client.set(store._key("state", (version, (frame.width, frame.height), clicks)), value)
+
+    def stop(self) -> None:
+        if self.proxy is not None:
+            self.proxy.close()
+            self.redis.stop()
+
+
 def latency(clicks: list) -> str:
     if not clicks:
         return "no clicks"
@@ -194,6 +266,13 @@ def main(argv=None) -> int:
         "THREADS": "8",
         "LOG_LEVEL": "INFO",
     }
+    stores = HostileStores(workdir)
+    env.update(stores.env())
+    # A 2400 x 1800 JPEG: FAST_JPEG_DECODE decodes it at half size, so its features differ.
+    large = Scene(enlarged_array(small.pixels, 3), [enlarged_array(o, 3) for o in small.objects])
+    large_jpeg = io.BytesIO()
+    Image.fromarray(large.pixels).save(large_jpeg, "JPEG", quality=95)
+    stand_in.files["/data/upload/1/large.jpg"] = large_jpeg.getvalue()
     log_path = workdir / "backend.log"
     backend = subprocess.Popen(
         [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"],
@@ -358,7 +437,104 @@ def main(argv=None) -> int:
         print(f"# honest annotator alone: {latency(baseline[3:])} (first round, which encodes, left out)")
         print("| case | answer | as expected | honest clicks meanwhile |")
         print("| --- | --- | --- | --- |")
+        def no_redis():
+            return None, "skipped: redis-server is not installed"
+
+        def case_r2_6():
+            started = time.monotonic()
+            try:  # a thread hung on the FIFO: the answer never comes
+                answers = [post(predict_body("/data/local-files/?d=pipe.png", [click_on(small, 0)], task_id=401))]
+                if stores.device:
+                    answers.append(post(predict_body("/data/local-files/?d=zero.png", [click_on(small, 0)], task_id=402)))
+            except requests.RequestException as error:
+                return False, f"no answer within 120 s: {type(error).__name__}"
+            ok = all(refused(a, 422, "not a regular file") for a in answers)
+            what = " and ".join(["a FIFO"] + ["a character device"] * stores.device)
+            return ok, f"{what}: {status_and_error(answers[0])} (in {time.monotonic() - started:.1f} s)"
+
+        def case_r2_7():
+            if stores.proxy is None:
+                return no_redis()
+            clicks = [click_on(small, 0)] * 10
+            stores.proxy.delay = 0.8  # alive, every call 0.8 s late
+            try:
+                started = time.monotonic()
+                r = post(predict_body("/data/upload/1/small.png", clicks, task_id=500))
+                took = time.monotonic() - started
+                redis = requests.get(url + "/health", auth=auth, timeout=60).json()
+            finally:
+                stores.proxy.delay = 0.0
+            warned = any("REDIS_CLICK_BUDGET_SECONDS" in w for w in redis.get("warnings", []))
+            # REDIS_CLICK_BUDGET_SECONDS plus one REDIS_SOCKET_TIMEOUT (1 s each), and the click's own work.
+            ok = right_mask(r, small, 0) and took < 1 + 1 + 3 and redis["redis"]["slow"] and warned
+            return ok, (f"10-click replay with Redis 0.8 s late per call: {r.status_code} in {took:.1f} s, "
+                        f"mask right: {right_mask(r, small, 0)}; /health redis.slow {redis['redis']['slow']}, warned: {warned}")
+
+        def case_r2_9():
+            if stores.proxy is None:
+                return no_redis()
+            health = requests.get(url + "/health", auth=auth, timeout=60).json()
+            image = stand_in.files["/data/upload/1/small.png"]
+            two = predict_body("/data/upload/1/small.png", [click_on(small, 0), click_on(small, 1)], task_id=600)
+            stores.plant_unusable_states(health, image, two, [1])
+            wrong_shape = post(two)
+            both = small.objects[0] | small.objects[1]
+            shape_ok = wrong_shape.status_code == 200 and right_mask(wrong_shape, Scene(small.pixels, [both]), 0)
+            many = predict_body("/data/upload/1/small.png", [click_on(small, i % 3, positive=i % 3 != 2) for i in range(30)], task_id=601)
+            stores.plant_unusable_states(health, image, many, range(1, 30))
+            replay = post(many)
+            ok = shape_ok and refused(replay, 400, "MAX_DECODER_RUNS_PER_REQUEST")
+            return ok, (f"a state of the wrong shape: {wrong_shape.status_code}, mask right: {shape_ok}; 30 clicks whose 29 "
+                        f"prefixes exist unusable: {status_and_error(replay)}")
+
+        def case_r2_11():
+            removed_at_start = not stores.leftover_at_start.exists()
+            later = stores.plant_leftover("later")
+            scene = make_scene(500, 400, seed=31)
+            stand_in.files["/data/upload/1/leftover.png"] = encode_png(scene.pixels)
+            r = post(predict_body("/data/upload/1/leftover.png", [click_on(scene, 1)]))  # a write, then a trim
+            folder = stores.folder_bytes()
+            ok = removed_at_start and not later.exists() and folder <= 30_000_000 and right_mask(r, scene, 1)
+            return ok, (f"40 MB leftovers: the one from before the start removed: {removed_at_start}, the one planted "
+                        f"now removed at the next write: {not later.exists()}; folder {folder / 1e6:.1f} MB of 30 MB")
+
+        def case_r2_12():
+            first = post(predict_body("/data/upload/1/large.jpg", [click_on(large, 1)], task_id=700))
+            other_port = free_port()
+            other_log = workdir / "backend-fast-jpeg.log"
+            other = subprocess.Popen(
+                [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"], cwd=ROOT,
+                env={**env, "FAST_JPEG_DECODE": "true", "PORT": str(other_port)},
+                stdout=other_log.open("w"), stderr=subprocess.STDOUT,
+            )
+            other_url = f"http://127.0.0.1:{other_port}"
+            try:
+                deadline = time.monotonic() + 300
+                while True:
+                    try:
+                        if requests.get(other_url + "/health", auth=auth, timeout=5).status_code == 200:
+                            break
+                    except requests.RequestException:
+                        pass
+                    if time.monotonic() > deadline or other.poll() is not None:
+                        return False, "the FAST_JPEG_DECODE=true backend did not start: " + other_log.read_text()[-300:]
+                    time.sleep(0.2)
+                second = requests.post(other_url + "/predict", json=predict_body("/data/upload/1/large.jpg", [click_on(large, 1)], task_id=700),
+                                       auth=auth, timeout=120)
+                metrics = requests.get(other_url + "/metrics", auth=auth, timeout=60).json()
+            finally:
+                other.terminate()
+                try:
+                    other.wait(40)
+                except subprocess.TimeoutExpired:
+                    other.kill()
+            reused = metrics["hits"]["features"]["disk"] + metrics["hits"]["features"]["redis"]
+            ok = right_mask(first, large, 1) and right_mask(second, large, 1) and metrics["encoder_runs"] == 1 and reused == 0
+            return ok, (f"a second backend with FAST_JPEG_DECODE=true on the same disk cache{' and Redis' * bool(stores.proxy)}: "
+                        f"encoded the image itself: {metrics['encoder_runs'] == 1}, features reused: {reused}")
+
         cases = [case_1, case_2, case_3, case_4, case_5, case_6, case_7, case_8, case_9, case_10, case_11, case_12, case_13, case_14, case_15]
+        round_two = {"2.6": case_r2_6, "2.7": case_r2_7, "2.9": case_r2_9, "2.11": case_r2_11, "2.12": case_r2_12}
         for number, case in enumerate(cases, start=1):
             started = time.monotonic()
             ok, what = case()
@@ -366,6 +542,15 @@ def main(argv=None) -> int:
             meanwhile = honest.between(started, time.monotonic())
             print(f"| {number} | {what} | {'yes' if ok else 'NO'} | {latency(meanwhile)} |", flush=True)
             if not ok:
+                failures.append(number)
+        for number, case in round_two.items():
+            started = time.monotonic()
+            ok, what = case()
+            time.sleep(0.5)
+            meanwhile = honest.between(started, time.monotonic())
+            shown = "skipped" if ok is None else "yes" if ok else "NO"
+            print(f"| {number} | {what} | {shown} | {latency(meanwhile)} |", flush=True)
+            if ok is False:
                 failures.append(number)
         honest.stop.set()
         clicker.join(130)
@@ -380,6 +565,7 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             backend.kill()
         httpd.shutdown()
+        stores.stop()
     print("all as expected" if not failures else f"NOT as expected: {failures}")
     return 1 if failures else 0
 
