@@ -349,7 +349,8 @@ def redis_rows(models: Path, threads: int, runs: int) -> list[tuple[str, str, st
                 # Features come from Redis (or are put in memory below): nothing is loaded or encoded.
                 return InteractiveSegmenter(engine, lambda key: None, shared_store=store)
 
-            process().shared_store.features("photo", lambda: (features, width, height))  # "encoded elsewhere"
+            elsewhere = process()  # "encoded elsewhere", under the key the segmenters read
+            elsewhere.shared_store.features(("photo", elsewhere.feature_identity), lambda: (features, width, height))
             alone, warm, other = process(shared=False), process(), process()
             alone.feature_cache.put("photo", warm.encoded_image("photo"))
             cases = {"alone": [], "warm": [], "other": [], "first": []}  # (redis s, outside s, decoder s)
