@@ -64,6 +64,7 @@ STATE_MAGIC = b"SNS1"  # + rows, cols (uint32 LE) + float32 logits, C order
 HEADER = struct.Struct("<4sII")
 _FAILED = object()
 STATE_SHAPE = (MODEL_SIZE, MODEL_SIZE)  # the decoder's logits
+MAX_POLL_SECONDS = 0.25  # between looks for another process's features, once a wait has gone on a while
 # How long after a click went over its Redis budget /health still reports Redis as slow.
 SLOW_REPORT_SECONDS = 60.0
 
@@ -360,6 +361,7 @@ class SharedStore:
         or when the holder has not written them within `encode_wait_seconds` (it may hang, renewing its lock:
         this process then encodes itself)."""
         deadline = time.monotonic() + self.encode_wait_seconds
+        pause = self.poll_seconds
         while True:
             exists = self._call(lambda: self._client.pipeline(transaction=False).exists(name).exists(lock).execute())
             if exists is None:
@@ -374,7 +376,9 @@ class SharedStore:
                     "encoding it here", self.encode_wait_seconds
                 )
                 return False
-            time.sleep(self.poll_seconds)
+            time.sleep(pause)
+            # Polls count against the click's Redis budget: a long wait polls less often.
+            pause = min(pause * 1.5, MAX_POLL_SECONDS)
 
     @contextmanager
     def _holding(self, lock: str, token: str):
