@@ -136,7 +136,8 @@ class Settings:
     # After a Redis failure, serve from this process's caches alone this long before trying Redis again.
     redis_retry_seconds: float = 10.0
     # Redis time one click may spend (all its calls together); then it goes on without Redis, and /health and
-    # /metrics report Redis as slow. A click spends at most this plus one REDIS_SOCKET_TIMEOUT in Redis calls.
+    # /metrics report Redis as slow. A click spends at most this, the call in flight when it ran out (bounded by
+    # REDIS_SOCKET_TIMEOUT) and the release of an encode lock it holds in Redis calls.
     redis_click_budget_seconds: float = 1.0
     # How long a click waits for another process's encode of its image (that process holds the image's encode
     # lock) before encoding it itself: a holder that hangs but lives keeps renewing its lock.
@@ -263,7 +264,7 @@ class Settings:
             redis_socket_timeout=number("REDIS_SOCKET_TIMEOUT", defaults.redis_socket_timeout, float, 0.01),
             redis_retry_seconds=number("REDIS_RETRY_SECONDS", defaults.redis_retry_seconds, float, 0.0),
             redis_click_budget_seconds=number(
-                "REDIS_CLICK_BUDGET_SECONDS", defaults.redis_click_budget_seconds, float, 0.0
+                "REDIS_CLICK_BUDGET_SECONDS", defaults.redis_click_budget_seconds, float, 0.01
             ),
             redis_encode_wait_seconds=number("REDIS_ENCODE_WAIT_SECONDS", defaults.redis_encode_wait_seconds, float, 0.0),
             region_control_order=order,

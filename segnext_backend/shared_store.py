@@ -28,7 +28,8 @@ that dies: everything another process needs was written to Redis before the clic
 A Redis that answers, but slowly, would cost every call of a click its delay (a replay makes dozens): within
 `click()` (one click, one pre-encode) Redis calls stop once they have taken `click_budget_seconds`, and the
 click goes on without Redis; such clicks are counted and reported (/health, /metrics). So a click spends at
-most `click_budget_seconds` plus one socket timeout in Redis calls.
+most `click_budget_seconds`, the call in flight when it ran out and the release of an encode lock it holds
+(never skipped: other processes wait on it) in Redis calls.
 
 What is read is used only when it is exactly what this backend writes: the magic, the shape (features
 FEATURE_SHAPE with a width and height of at least 1, states the decoder's logits shape), the length and
