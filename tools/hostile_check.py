@@ -5,11 +5,12 @@
 Starts a stand-in Label Studio on 127.0.0.1 (uploads, presign, token refresh, a host that trickles bytes, an
 image whose content changes) and the backend under gunicorn (1 worker x 8 threads, the test models) behind
 basic auth with a non-ASCII password, a LABEL_STUDIO_URL carrying credentials, a personal access token and a
-disk feature cache with an entry it cannot remove. One honest annotator clicks the whole time (positive,
-positive, negative on three images, every mask checked). First the honest clicks alone (the baseline), then
-each case of docs/reliability.md's hostile list: the hostile request(s) are sent while the annotator clicks.
-Prints, per case, what came back and the honest clicks' latency meanwhile. Exit status 1 if any case got
-another answer than expected, an honest click failed or got a wrong mask.
+disk feature cache with an entry it cannot remove (and a crash's leftover), LOCAL_FILES_DOCUMENT_ROOT holding a
+FIFO, and, where redis-server is installed, a Redis behind a proxy that can make it slow. One honest annotator
+clicks the whole time (positive, positive, negative on three images, every mask checked). First the honest
+clicks alone (the baseline), then each case of docs/reliability.md's hostile lists: the hostile request(s) are
+sent while the annotator clicks. Prints, per case, what came back and the honest clicks' latency meanwhile.
+Exit status 1 if any case got another answer than expected, an honest click failed or got a wrong mask.
 
 Shortened for a run of a few minutes: IMAGE_DOWNLOAD_TIMEOUT=10 (default 120), IMAGE_REVALIDATE_SECONDS=5
 (default 60), DECODE_PIXEL_BUDGET=30000000 (default 100000000).
