@@ -195,6 +195,7 @@ class RequestFraming:
         self.scan = 0  # chunked: where the next chunk-size line starts
         self.body_size = 0  # chunked: body bytes so far
         self.end: int | None = None  # where the request ends, once known
+        self.expects_continue = False  # `Expect: 100-continue`: the client waits for a 100 before its body
 
     def examine(self, data: bytearray) -> str:
         if self.body_start is None:
@@ -225,6 +226,8 @@ class RequestFraming:
                 self.content_length = int(value.strip())
             elif name == b"transfer-encoding" and value.strip().lower().endswith(b"chunked"):
                 self.chunked = True
+            elif name == b"expect" and value.strip().lower() == b"100-continue" and parts[-1:] == [b"HTTP/1.1"]:
+                self.expects_continue = True
 
     def _scan_chunks(self, data: bytearray) -> str:
         while True:
@@ -338,6 +341,12 @@ class BufferingThreadWorker(ThreadWorker):
                     return self._refuse(conn, "431 Request Header Fields Too Large", f"the request head is over {MAX_HEAD_BYTES} bytes")
                 if outcome is COMPLETE:
                     return COMPLETE
+                if conn.framing.expects_continue:  # the body is wanted: say so now (gunicorn says it again later,
+                    conn.framing.expects_continue = False  # which a client reads as one more 1xx answer)
+                    try:
+                        socket.socket.send(sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+                    except OSError:
+                        return "gone"
                 try:
                     data = socket.socket.recv(sock, _RECV_BYTES)
                 except (BlockingIOError, InterruptedError):

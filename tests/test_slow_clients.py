@@ -181,3 +181,20 @@ def test_bodies_held_at_once_stay_within_the_budget(started_backend):
             break
         time.sleep(0.5)
     assert status == 400 and "no tasks" in body["error"], body
+
+
+def test_a_client_that_expects_100_continue_gets_it_before_sending_its_body(started_backend):
+    # curl sends `Expect: 100-continue` with a body over 1 KB and waits for the 100 (a second, then sends anyway):
+    # the worker, which waits for the whole body, says "continue" as soon as the head is in.
+    url = backend(started_backend, auth=False)
+    body = b'{"tasks": []}' + b" " * 5000
+    with socket.create_connection(address(url), timeout=30) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        answer = b""
+        while b'"error"' not in answer:
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    assert b"HTTP/1.1 400" in answer and b"no tasks" in answer
