@@ -194,7 +194,6 @@ class RequestFraming:
         self.limit_setting = ""
         self.scan = 0  # chunked: where the next chunk-size line starts
         self.body_size = 0  # chunked: body bytes so far
-        self.end: int | None = None  # where the request ends, once known
         self.expects_continue = False  # `Expect: 100-continue`: the client waits for a 100 before its body
 
     def examine(self, data: bytearray) -> str:
