@@ -14,6 +14,7 @@ import time
 import pytest
 import requests
 
+from gunicorn_worker import COMPLETE, INCOMPLETE, TOO_LARGE, RequestFraming
 from segnext_backend.settings import Settings
 
 THREADS = 2
@@ -198,3 +199,25 @@ def test_a_client_that_expects_100_continue_gets_it_before_sending_its_body(star
             assert chunk, answer
             answer += chunk
     assert b"HTTP/1.1 400" in answer and b"no tasks" in answer
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{\"tasks\": []}",
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n{\"tasks\"\r\n5;ext=1\r\n: []}\r\n0\r\n\r\n",
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Trailer: 1\r\n\r\n",
+], ids=["no-body", "content-length", "chunked", "chunked-with-trailer"])
+def test_a_request_is_whole_only_at_its_last_byte_however_it_arrives(request_bytes):
+    framing, received = RequestFraming(Settings()), bytearray()
+    for byte in request_bytes[:-1]:
+        received.append(byte)
+        assert framing.examine(received) == INCOMPLETE
+    received += request_bytes[-1:]
+    assert framing.examine(received) == COMPLETE
+
+
+def test_a_chunked_body_is_too_large_as_soon_as_a_chunk_says_so():
+    framing = RequestFraming(Settings(max_webhook_body_bytes=100))
+    head = b"POST /webhook HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert framing.examine(bytearray(head + b"40\r\n" + b"x" * 64 + b"\r\n")) == INCOMPLETE
+    assert framing.examine(bytearray(head + b"40\r\n" + b"x" * 64 + b"\r\n40\r\n")) == TOO_LARGE

@@ -12,7 +12,8 @@ Prints, per case, what came back and the honest clicks' latency meanwhile. Exit 
 another answer than expected, an honest click failed or got a wrong mask.
 
 Shortened for a run of a few minutes: IMAGE_DOWNLOAD_TIMEOUT=10 (default 120), IMAGE_REVALIDATE_SECONDS=5
-(default 60), DECODE_PIXEL_BUDGET=30000000 (default 100000000).
+(default 60), DECODE_PIXEL_BUDGET=30000000 (default 100000000), REQUEST_READ_TIMEOUT=5 and
+RESPONSE_SEND_TIMEOUT=5 (default 30 each).
 """
 
 from __future__ import annotations
