@@ -20,6 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
+from segnext_backend.exposure import check_exposure
 from segnext_backend.model_files import ModelFilesError
 from segnext_backend.runtime import load, runtime_status
 from segnext_backend.settings import Settings, SettingsError
@@ -44,7 +45,7 @@ def create_app(settings: Settings):
     from model import SegNextBackend
 
     basic_auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
-    return init_app(SegNextBackend, basic_auth=basic_auth, status=runtime_status)
+    return init_app(SegNextBackend, basic_auth=basic_auth, status=runtime_status, settings=settings)
 
 
 def gunicorn_app():
@@ -93,7 +94,7 @@ def _port(text: str) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line: label-studio-ml's flags (`label-studio-ml start DIR -p 9090` passes them on) and ours."""
     parser = argparse.ArgumentParser(description="SegNext ML backend for Label Studio")
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    parser.add_argument("--host", help="address to listen on (default: HOST, 0.0.0.0)")
     parser.add_argument("-p", "--port", type=_port, help="port to listen on (default: PORT, 9090)")
     parser.add_argument("--basic-auth-user", help="protect every route with basic auth (BASIC_AUTH_USER)")
     parser.add_argument("--basic-auth-pass", help="the basic auth password (BASIC_AUTH_PASS)")
@@ -109,6 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> Settings:
     """The environment's settings, with the values given on the command line in place of their variables."""
     flags = {
+        "host": args.host,
         "port": args.port,
         "basic_auth_user": args.basic_auth_user,
         "basic_auth_pass": args.basic_auth_pass,
@@ -128,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.health_check:
         return health_check(settings)
+    if not args.check:
+        try:
+            check_exposure(settings, [settings.host])
+        except SettingsError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     configure_logging(settings.log_level)
     logger.info("settings: %s", settings.redacted())
     from segnext_backend.device import DeviceError
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.check:
         return 0
-    create_app(settings).run(host=args.host, port=settings.port, threaded=True)
+    create_app(settings).run(host=settings.host, port=settings.port, threaded=True)
     return 0
 
 

@@ -13,24 +13,48 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
 import logging
 from typing import Callable
 
-from flask import Flask, jsonify, request
+from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from segnext_backend.errors import RequestError
+from segnext_backend.budgets import PixelBudget
+from segnext_backend.errors import RequestError, TooLargeError
+from segnext_backend.limits import BODY_LIMIT_SETTINGS, body_limit, body_too_large
+from segnext_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 64 * 1024 * 1024  # a task with drafts carries brush RLEs: allow for large ones
+_READ_CHUNK = 1024 * 1024
 
 
-def _json_body() -> dict:
+def _json_body(settings: Settings, body_budget: PixelBudget) -> dict:
+    """The request's JSON object, read only up to its route's limit, from the Content-Length before reading.
+
+    A body being parsed costs many times its size (a 64 MB body took 1.7 GB), so bodies take their bytes from
+    REQUEST_BODY_BUDGET_BYTES before they are read, and keep them until the request is answered; the rest
+    wait their turn. A chunked body without Content-Length counts as its route's limit."""
+    limit, setting = body_limit(settings, request.path)
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise TooLargeError(body_too_large(declared, limit, setting))
+    g.body_bytes_taken = g.get("body_bytes_taken", 0) + body_budget.acquire(declared if declared is not None else limit)
+    received = bytearray()
+    while len(received) <= limit:
+        chunk = request.stream.read(min(_READ_CHUNK, limit + 1 - len(received)))
+        if not chunk:
+            break
+        received += chunk
+    if len(received) > limit:
+        raise TooLargeError(body_too_large(None, limit, setting))
     try:
-        body = request.get_json(force=True, silent=True)
+        body = json.loads(received)
     except RecursionError:  # JSON nested deeper than Python's parser goes
         raise RequestError("the request body is JSON nested too deeply") from None
+    except ValueError:  # not JSON, or not UTF-8
+        body = None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     return body
@@ -64,14 +88,33 @@ def basic_credentials_match(header: str | None, user: str, password: str) -> boo
     return matches
 
 
-def init_app(model_class, *, basic_auth: tuple[str, str] | None = None, status: Callable[[], dict]) -> Flask:
+def init_app(
+    model_class,
+    *,
+    basic_auth: tuple[str, str] | None = None,
+    status: Callable[[], dict],
+    settings: Settings | None = None,
+) -> Flask:
     """The Flask app serving `model_class`.
 
     `status()` describes the loaded models for /health and /metrics; it raises NotReadyError while there are
     none. `basic_auth` (user, password) protects every route, as Label Studio's ML backend settings expect.
+    `settings` gives the request body limits (the defaults when None).
     """
+    settings = settings or Settings()
+    body_budget = PixelBudget(settings.request_body_budget_bytes)  # bytes, here
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    # A backstop only: each route's own limit is checked first, with a message naming its setting.
+    app.config["MAX_CONTENT_LENGTH"] = max(getattr(settings, field) for field, _ in BODY_LIMIT_SETTINGS.values())
+
+    def json_body() -> dict:
+        return _json_body(settings, body_budget)
+
+    @app.teardown_request
+    def give_back_body_bytes(_error):
+        taken = g.pop("body_bytes_taken", 0)
+        if taken:
+            body_budget.release(taken)
 
     def make_model(body: dict, label_config_key: str):
         label_config = body.get(label_config_key)
@@ -98,7 +141,7 @@ def init_app(model_class, *, basic_auth: tuple[str, str] | None = None, status: 
 
     @app.post("/predict")
     def predict():
-        body = _json_body()
+        body = json_body()
         tasks = body.get("tasks")
         if not isinstance(tasks, list) or not tasks:
             raise RequestError("the request has no tasks")
@@ -114,14 +157,14 @@ def init_app(model_class, *, basic_auth: tuple[str, str] | None = None, status: 
 
     @app.post("/setup")
     def setup():
-        body = _json_body()
+        body = json_body()
         model = make_model(body, "schema")
         return jsonify(model_version=model.model_version)
 
     @app.post("/webhook")
     def webhook():
         # Nothing to train: SegNext is used as it is. Acknowledge so that Label Studio does not retry.
-        body = _json_body()
+        body = json_body()
         return jsonify(status="ok", action=body.get("action")), 200
 
     @app.get("/health")

@@ -9,17 +9,20 @@ import signal
 import sys
 
 import _wsgi
+from segnext_backend.exposure import check_exposure
 from segnext_backend.model_files import retry_failed_downloads
 from segnext_backend.runtime import prepare_model_files, stop_background_work
-from segnext_backend.settings import Settings
+from segnext_backend.settings import Settings, SettingsError
 
 _settings = Settings.from_env()
 
 wsgi_app = "_wsgi:gunicorn_app()"
-bind = f"0.0.0.0:{_settings.port}"
+bind = f"[{_settings.host}]:{_settings.port}" if ":" in _settings.host else f"{_settings.host}:{_settings.port}"
 workers = _settings.workers
 threads = _settings.threads
-worker_class = "gthread"
+# gthread, except that a request holds a thread only once it has arrived whole, within REQUEST_READ_TIMEOUT,
+# and its answer is cut off after RESPONSE_SEND_TIMEOUT: slow clients cannot take every thread.
+worker_class = "gunicorn_worker.BufferingThreadWorker"
 # A click that must encode its image and replay its clicks on a slow CPU can take a minute: do not kill it.
 timeout = 600
 graceful_timeout = 30
@@ -29,6 +32,11 @@ accesslog = "-"
 
 def on_starting(server):
     _wsgi.configure_logging(_settings.log_level)
+    try:  # the addresses gunicorn will listen on: `--bind` on the command line overrides HOST and PORT
+        check_exposure(_settings, list(server.cfg.bind))
+    except SettingsError as error:
+        server.log.error("cannot start: %s", error)
+        sys.exit(1)
     # gunicorn installs its signal handlers after this hook. Until then SIGTERM (`docker stop`) would do nothing
     # in a container, where this process is PID 1 and the kernel drops signals it has no handler for.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))

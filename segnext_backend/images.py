@@ -167,13 +167,16 @@ class _Deadline:
         self.seconds = seconds
         self.expired = False
         self.aborted = False  # ended by abort_download, not by the clock
+        self.ends_at = time.monotonic() + seconds
         self._sockets: list[socket.socket] = []
+        self._waiting: list[threading.Event] = []  # calls in _within_deadline, woken at the deadline
         self._lock = threading.Lock()
         self._timer = threading.Timer(seconds, self._expire)
         self._timer.daemon = True
 
     def __enter__(self) -> "_Deadline":
         _Deadline._running[threading.get_ident()] = self
+        self.ends_at = time.monotonic() + self.seconds
         self._timer.start()
         return self
 
@@ -196,6 +199,54 @@ class _Deadline:
             self.expired = True
             for sock in self._sockets:
                 _shut(sock)
+            for event in self._waiting:
+                event.set()
+
+
+def _within_deadline(call, *args, **kwargs):
+    """`call(*args, **kwargs)`, given up at the running download's deadline: for name resolution (the system
+    resolver's own time-outs, several seconds per name server and search domain, are no bound of ours) and the
+    connection made with it. The call goes on in a helper thread until the resolver gives up; a socket it then
+    returns is closed. Without a download running, called as it is."""
+    deadline = _Deadline._running.get(threading.get_ident())
+    if deadline is None:
+        return call(*args, **kwargs)
+    outcome: dict = {}
+    finished = threading.Event()
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            value = call(*args, **kwargs)
+        except BaseException as error:  # handed to the waiting thread
+            outcome["error"] = error
+        else:
+            with lock:
+                if outcome.get("abandoned"):
+                    if isinstance(value, socket.socket):
+                        value.close()
+                    return
+                outcome["value"] = value
+        finished.set()
+
+    with deadline._lock:
+        if deadline.expired:
+            raise TimeoutError("the download's deadline has passed")
+        deadline._waiting.append(finished)
+    threading.Thread(target=run, name="name-lookup", daemon=True).start()
+    try:
+        finished.wait(max(0.0, deadline.ends_at - time.monotonic()))
+        with lock:
+            if "value" in outcome:
+                return outcome["value"]
+            if "error" in outcome:
+                raise outcome["error"]
+            outcome["abandoned"] = True
+    finally:
+        with deadline._lock:
+            deadline._waiting.remove(finished)
+    deadline._expire()  # the timer may not have fired yet: the caller must see the deadline as passed
+    raise TimeoutError("the download's deadline passed while resolving or connecting")
 
 
 def abort_download(thread: threading.Thread) -> None:
@@ -224,7 +275,7 @@ class _DeadlineTracked:
     """A urllib3 connection whose socket the running download's deadline can shut down."""
 
     def _new_conn(self):
-        sock = super()._new_conn()
+        sock = _within_deadline(super()._new_conn)  # name lookup and connect
         _Deadline.track(sock)
         return sock
 
@@ -431,7 +482,7 @@ class ImageSource:
         parts = urlsplit(url)
         host = parts.hostname or ""
         try:
-            addresses = {info[4][0] for info in socket.getaddrinfo(host, parts.port or 80, proto=socket.IPPROTO_TCP)}
+            addresses = {info[4][0] for info in _within_deadline(socket.getaddrinfo, host, parts.port or 80, proto=socket.IPPROTO_TCP)}
         except (socket.gaierror, UnicodeError):
             raise ImageUnavailableError(f"the image host {host!r} could not be resolved") from None
         for address in sorted(addresses):

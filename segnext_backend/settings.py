@@ -150,6 +150,25 @@ class Settings:
     # in pixels (smaller parts are left out, smaller holes filled).
     polygon_tolerance: float = 1.5
     polygon_min_area: float = 25.0
+    # Under gunicorn (gunicorn_worker.py): a request must arrive whole (headers and body) within
+    # request_read_timeout seconds of its first byte, and each answer be taken by the client within
+    # response_send_timeout seconds; otherwise its connection is closed. Until it is whole, a request holds
+    # no thread.
+    request_read_timeout: float = 30.0
+    response_send_timeout: float = 30.0
+    # Request bodies larger than these are refused (413) before they are read, per route: a click is a few KB,
+    # a task list with drafts carrying brush RLEs more; /setup carries the label config.
+    max_predict_body_bytes: int = 16 * MIB
+    max_setup_body_bytes: int = 2 * MIB
+    max_webhook_body_bytes: int = 1 * MIB
+    # Bytes of request bodies held at once over all connections (received, being parsed): more are refused
+    # with a 503 while gunicorn receives them, and wait their turn to be parsed.
+    request_body_budget_bytes: int = 64 * MIB
+    # Address to listen on (gunicorn.conf.py; `_wsgi.py --host` overrides it).
+    host: str = "0.0.0.0"
+    # Listen beyond loopback with LABEL_STUDIO_API_KEY set and no basic auth: whoever reaches the port then gets
+    # Label Studio's images through the key. Off: the backend refuses to start that way.
+    allow_open_access: bool = False
 
     def __post_init__(self):
         # Half a basic-auth configuration would leave the backend open (or open to any password) without a
@@ -270,6 +289,14 @@ class Settings:
             region_control_order=order,
             polygon_tolerance=polygon_tolerance,
             polygon_min_area=polygon_min_area,
+            request_read_timeout=number("REQUEST_READ_TIMEOUT", defaults.request_read_timeout, float, 0.1),
+            response_send_timeout=number("RESPONSE_SEND_TIMEOUT", defaults.response_send_timeout, float, 0.1),
+            max_predict_body_bytes=number("MAX_PREDICT_BODY_BYTES", defaults.max_predict_body_bytes, int, 1),
+            max_setup_body_bytes=number("MAX_SETUP_BODY_BYTES", defaults.max_setup_body_bytes, int, 1),
+            max_webhook_body_bytes=number("MAX_WEBHOOK_BODY_BYTES", defaults.max_webhook_body_bytes, int, 1),
+            request_body_budget_bytes=number("REQUEST_BODY_BUDGET_BYTES", defaults.request_body_budget_bytes, int, 1),
+            host=text("HOST", defaults.host) or defaults.host,
+            allow_open_access=flag("ALLOW_OPEN_ACCESS", defaults.allow_open_access),
         )
 
     def redacted(self) -> dict:

@@ -186,7 +186,7 @@ def make_client(test_model_paths, image_server):
         set_runtime(runtime)
         made.append(runtime)
         basic_auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
-        app = init_app(model.SegNextBackend, basic_auth=basic_auth, status=runtime_status)
+        app = init_app(model.SegNextBackend, basic_auth=basic_auth, status=runtime_status, settings=settings)
         return app.test_client(), spy
 
     yield make

@@ -55,7 +55,7 @@ def test_compose_wires_label_studio_and_the_backend():
     backend = services["segnext-backend"]
     assert backend["environment"]["LABEL_STUDIO_URL"] == "http://label-studio:8080"
     assert "segnext-models:/models" in backend["volumes"] and "segnext-models" in compose["volumes"]
-    assert "9090:9090" in backend["ports"] and "label-studio" in backend["depends_on"]
+    assert "ports" not in backend and "label-studio" in backend["depends_on"]  # tests/test_exposure.py
     assert "--health-check" in backend["healthcheck"]["test"]
     gpu = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())["services"]["segnext-backend"]
     assert gpu["build"]["args"]["DEVICE"] == "auto" and gpu["environment"]["DEVICE"] == "${DEVICE:-auto}"
@@ -75,7 +75,7 @@ def test_scale_compose_puts_replicas_sharing_redis_behind_nginx():
     assert backend["environment"]["REDIS_URL"] == "redis://redis:6379/0"
     assert "ports" not in backend  # replicas are reached through nginx only, so --scale does not clash
     assert "./deploy/nginx.conf:/etc/nginx/conf.d/default.conf:ro" in nginx["volumes"]
-    assert "9090:9090" in nginx["ports"]
+    assert "ports" not in nginx  # Label Studio reaches it on the compose network (tests/test_exposure.py)
     assert "server segnext-backend:9090;" in (ROOT / "deploy" / "nginx.conf").read_text()
     for name in ("docker-compose.scale.yml", "--scale segnext-backend=", "http://nginx:9090", "## Scaling out"):
         assert name in README

@@ -10,9 +10,9 @@ from conftest import LABEL_CONFIG, click_on, decode_region, encode_png, iou, key
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import api
 from model import clicks_from_context
 from segnext_backend.errors import RequestError
+from segnext_backend.settings import Settings
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=5),
@@ -55,8 +55,8 @@ def test_context_parser_either_parses_or_says_what_is_wrong(context):
 
 def test_oversized_and_deeply_nested_bodies_are_refused(make_client):
     client, spy = make_client()
-    huge = client.post("/predict", data=b" " * (api.MAX_REQUEST_BYTES + 1), content_type="application/json")
-    assert huge.status_code == 413 and "error" in huge.json
+    huge = client.post("/predict", data=b" " * (Settings().max_predict_body_bytes + 1), content_type="application/json")
+    assert huge.status_code == 413 and "MAX_PREDICT_BODY_BYTES" in huge.json["error"]
     deep = client.post("/predict", data="[" * 100_000, content_type="application/json")
     assert deep.status_code == 400 and "nested" in deep.json["error"]
     infinite = '{"tasks": [{"data": {"image": "/x.png"}}], "params": {"context": {"result": [{"type": "keypointlabels", "to_name": "image", "original_width": 10, "original_height": 10, "value": {"x": Infinity, "y": 1, "keypointlabels": ["Thing"]}}]}}, "label_config": ' + json.dumps(LABEL_CONFIG) + "}"

@@ -13,7 +13,8 @@ sent while the annotator clicks. Prints, per case, what came back and the honest
 Exit status 1 if any case got another answer than expected, an honest click failed or got a wrong mask.
 
 Shortened for a run of a few minutes: IMAGE_DOWNLOAD_TIMEOUT=10 (default 120), IMAGE_REVALIDATE_SECONDS=5
-(default 60), DECODE_PIXEL_BUDGET=30000000 (default 100000000).
+(default 60), DECODE_PIXEL_BUDGET=30000000 (default 100000000), REQUEST_READ_TIMEOUT=5 and
+RESPONSE_SEND_TIMEOUT=5 (default 30 each).
 """
 
 from __future__ import annotations
@@ -225,6 +226,43 @@ def latency(clicks: list) -> str:
     return f"{len(ms)} clicks, p50 {statistics.median(ms):.0f} ms, max {ms[-1]:.0f} ms" + (f", {wrong} WRONG" if wrong else "")
 
 
+class SlowConnection(threading.Thread):
+    """A hostile client: sends `first`, then `step` every half second until the backend closes the connection
+    (`closed_after`: how long it was let go on); without a `step` it never reads what it is sent, and sends more
+    than the socket buffers hold, so that its send ends only when the backend closes the connection."""
+
+    def __init__(self, port: int, first: bytes, step: bytes, receive_buffer: int | None = None):
+        import socket
+
+        super().__init__(daemon=True)
+        self.sock = socket.socket()
+        if receive_buffer:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.connect(("127.0.0.1", port))
+        self.first, self.step = first, step
+        self.started = time.monotonic()
+        self.closed_after = None
+
+    def run(self):
+        try:
+            self.sock.sendall(self.first)
+            while self.step and time.monotonic() - self.started < 120:
+                time.sleep(0.5)
+                self.sock.sendall(self.step)
+        except OSError:
+            self.closed_after = time.monotonic() - self.started
+
+
+def worker_rss_mb(master_pid: int) -> float:
+    """Resident memory of gunicorn's workers (the master's children), in MB."""
+    total = 0
+    for task in Path(f"/proc/{master_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            status = Path(f"/proc/{child}/status").read_text()
+            total += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+    return total / 1024
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline-seconds", type=float, default=15.0)
@@ -266,6 +304,8 @@ def main(argv=None) -> int:
         "WORKERS": "1",
         "THREADS": "8",
         "LOG_LEVEL": "INFO",
+        "REQUEST_READ_TIMEOUT": "5",
+        "RESPONSE_SEND_TIMEOUT": "5",
     }
     stores = HostileStores(workdir)
     env.update(stores.env())
@@ -430,6 +470,73 @@ def main(argv=None) -> int:
             r = post(predict_body("http://192.0.0.8/x.png", [click_on(small, 0)]))
             return refused(r, 400, "ALLOW_PRIVATE_IMAGE_HOSTS"), status_and_error(r)
 
+        def case_20_1():
+            """THREADS + 2 slowloris heads, slow bodies, clients that never read: /health answers meanwhile."""
+            one = json.dumps({"action": "x" * 800_000}).encode()
+            webhook = (b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Authorization: " + requests.auth._basic_auth_str(USER, PASSWORD).encode() +
+                       b"\r\nContent-Length: %d\r\n\r\n" % len(one) + one)
+            kinds = {
+                "heads": (b"POST /predict HTTP/1.1\r\nHost: x\r\n", b"X", None),
+                "bodies": (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n{", b" " * 100, None),
+                "non-readers": (webhook * 20, b"", 4096),
+            }
+            said, ok = [], True
+            for kind, (first, step, receive_buffer) in kinds.items():
+                slow = [SlowConnection(port, first, step, receive_buffer) for _ in range(8 + 2)]
+                for connection in slow:
+                    connection.start()
+                time.sleep(2.0)
+                started = time.monotonic()
+                try:
+                    health = requests.get(url + "/health", auth=auth, timeout=60).status_code
+                except requests.RequestException as error:
+                    health = type(error).__name__
+                waited = time.monotonic() - started
+                for connection in slow:
+                    connection.join(130)
+                    connection.sock.close()
+                closed = [c.closed_after for c in slow if c.closed_after is not None]
+                ok &= health == 200 and len(closed) == len(slow) and max(closed) < 60
+                said.append(f"{kind}: /health {health} in {waited:.1f} s, {len(closed)}/{len(slow)} closed after at most {max(closed or [0]):.0f} s")
+            return ok, "; ".join(said) + " (REQUEST_READ_TIMEOUT=RESPONSE_SEND_TIMEOUT=5)"
+
+        def case_20_4():
+            """64 MB bodies on /predict, /webhook and /setup at once, and a chunked one: 413 before parsing."""
+            before = worker_rss_mb(backend.pid)
+            answers = [None] * 4
+
+            def one(i, path):
+                body = b'{"tasks": [' + b'{"data": {}},' * (64_000_000 // 13) + b'{}]}'
+                answers[i] = requests.post(url + path, data=body, auth=auth, timeout=120,
+                                           headers={"Content-Type": "application/json"})
+
+            def chunked():
+                piece = b"x" * 65536
+                answers[3] = requests.post(url + "/setup", data=(piece for _ in range(64)), auth=auth, timeout=120)
+
+            threads = [threading.Thread(target=one, args=(i, path)) for i, path in enumerate(("/predict", "/webhook", "/setup"))]
+            threads.append(threading.Thread(target=chunked))
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            grown = worker_rss_mb(backend.pid) - before
+            settings = ("MAX_PREDICT_BODY_BYTES", "MAX_WEBHOOK_BODY_BYTES", "MAX_SETUP_BODY_BYTES", "MAX_SETUP_BODY_BYTES")
+            ok = all(refused(a, 413, s) for a, s in zip(answers, settings)) and grown < 200
+            return ok, "; ".join(status_and_error(a)[:70] for a in answers) + f"; worker RSS +{grown:.0f} MB"
+
+        def case_20_5():
+            """An API key, no basic auth, listening beyond loopback: the backend refuses to start."""
+            open_env = {k: v for k, v in env.items() if not k.startswith("BASIC_AUTH_")}
+            result = subprocess.run([sys.executable, "_wsgi.py", "--host", "0.0.0.0", "--port", str(free_port())], cwd=ROOT,
+                                    env=open_env, capture_output=True, text=True, timeout=120)
+            under_gunicorn = subprocess.run([str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py"], cwd=ROOT,
+                                            env={**open_env, "PORT": str(free_port())}, capture_output=True, text=True, timeout=120)
+            ok = (result.returncode == 2 and "Basic Authentication" in result.stderr and under_gunicorn.returncode != 0
+                  and "ALLOW_OPEN_ACCESS" in under_gunicorn.stdout + under_gunicorn.stderr)
+            return ok, f"_wsgi.py exit {result.returncode}, gunicorn exit {under_gunicorn.returncode}: {result.stderr.strip()[7:120]}..."
+
         honest = Honest(url, honest_scenes)
         clicker = threading.Thread(target=honest.run)
         clicker.start()
@@ -535,16 +642,12 @@ def main(argv=None) -> int:
                         f"encoded the image itself: {metrics['encoder_runs'] == 1}, features reused: {reused}")
 
         cases = [case_1, case_2, case_3, case_4, case_5, case_6, case_7, case_8, case_9, case_10, case_11, case_12, case_13, case_14, case_15]
-        round_two = {"2.6": case_r2_6, "2.7": case_r2_7, "2.9": case_r2_9, "2.11": case_r2_11, "2.12": case_r2_12}
-        for number, case in enumerate(cases, start=1):
-            started = time.monotonic()
-            ok, what = case()
-            time.sleep(0.5)
-            meanwhile = honest.between(started, time.monotonic())
-            print(f"| {number} | {what} | {'yes' if ok else 'NO'} | {latency(meanwhile)} |", flush=True)
-            if not ok:
-                failures.append(number)
-        for number, case in round_two.items():
+        # Round two's cases are numbered by the items of the report that found them.
+        round_two = [
+            ("20.1", case_20_1), ("20.4", case_20_4), ("20.5", case_20_5),
+            ("2.6", case_r2_6), ("2.7", case_r2_7), ("2.9", case_r2_9), ("2.11", case_r2_11), ("2.12", case_r2_12),
+        ]
+        for number, case in [*enumerate(cases, start=1), *round_two]:
             started = time.monotonic()
             ok, what = case()
             time.sleep(0.5)
