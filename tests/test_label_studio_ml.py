@@ -35,7 +35,7 @@ from conftest import (
     predict_body,
     wait_until_healthy,
 )
-from tools.scenes import pillow_polygon_mask
+from tools.scenes import LABEL_NOT_CARRIED, NO_KEYPOINT_LABELS, pillow_polygon_mask
 
 import _wsgi
 import model
@@ -277,8 +277,6 @@ def test_the_product_never_imports_tools(tmp_path):
 # -- /setup refuses a label config that cannot work ------------------------------------------------------------
 
 # Each smart keypoint label must have a brush, polygon or rectangle label of the same name on the same image.
-LABEL_NOT_CARRIED = LABEL_CONFIG.replace('    <Label value="Other" background="#0d14d3"/>\n', "")
-NO_KEYPOINT_LABELS = '<View><Image name="image" value="$image"/><BrushLabels name="tag" toName="image"><Label value="Thing"/></BrushLabels></View>'
 NO_IMAGE = '<View><Text name="text" value="$text"/><Choices name="choice" toName="text"><Choice value="Thing"/></Choices></View>'
 NOT_SMART = LABEL_CONFIG.replace(' smart="true"', "")
 KEYPOINT_ON_NO_IMAGE = LABEL_CONFIG.replace('<KeyPointLabels name="tag2" toName="image"', '<KeyPointLabels name="tag2" toName="elsewhere"')
