@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from lxml import etree  # parse_config's own parser: label-studio-sdk (2.x) and label-studio-tools (1.0.9) bring it
-
 from segnext_backend.caches import LruCache
 from segnext_backend.errors import RequestError, TooLargeError
 from segnext_backend.runtime import current_settings
@@ -29,8 +27,7 @@ _parsed_configs: LruCache[str, tuple[int, dict]] = LruCache(8 * 1024 * 1024, lam
 
 
 def parsed_label_config(label_config: str | None) -> dict:
-    """The parsed label config (shared between requests: read it, never change it): parse_config's form, with
-    `"smart": True` on the smart KeyPointLabels controls (the tools that ask this backend)."""
+    """The parsed label config (shared between requests: read it, never change it)."""
     if not label_config:
         return {}
     limit = current_settings().max_label_config_bytes
@@ -43,17 +40,9 @@ def parsed_label_config(label_config: str | None) -> dict:
 
 def _parse(label_config: str) -> dict:
     try:
-        parsed = parse_config(label_config)
-        # parse_config drops the controls' attributes: which keypoint controls are smart is read here, from a
-        # second parse of the same text (once per distinct config, like the first).
-        root = etree.fromstring(label_config, etree.XMLParser(resolve_entities=False, no_network=True))
+        return parse_config(label_config)
     except Exception as error:  # noqa: BLE001 - label-studio-tools raises its own XML syntax error, or a KeyError
         raise RequestError(f"the label config could not be parsed: {error}"[:500]) from None
-    for element in root.iter("KeyPointLabels"):
-        name = element.get("name")
-        if name in parsed and "true" in (element.get("smart", "").lower(), element.get("smartOnly", "").lower()):
-            parsed[name]["smart"] = True
-    return parsed
 
 
 # The controls a click can be answered in: kind (REGION_CONTROL_ORDER's name) -> control tag, region type.
@@ -134,17 +123,12 @@ def image_target(parsed: dict, to_name: str, label: str, region_order: tuple[str
 
 def require_answerable_config(parsed: dict, region_order: tuple[str, ...]) -> None:
     """What /setup checks, so that the person adding the model learns what a click would fail on (Label Studio
-    shows an annotator nothing of a click's error): `require_interactive_config`, a smart KeyPointLabels
-    control, and for every label of every smart keypoint control, on every image it points at, the control
-    that answers it (the error a click with that label would get)."""
+    shows an annotator nothing of a click's error): `require_interactive_config`, and for every label of every
+    KeyPointLabels control, on every image it points at, the control that answers it (the error a click with
+    that label would get)."""
     require_interactive_config(parsed, region_order)
-    smart = [(name, info) for name, info in parsed.items() if info.get("type") == "KeyPointLabels" and info.get("smart")]
-    if not smart:
-        raise RequestError(
-            'the label config has no <KeyPointLabels smart="true"> control, the tool that asks this backend '
-            f"(controls found: {_controls_found(parsed)}; see the README for configs to paste)"
-        )
-    for _, info in smart:
-        for to_name in info.get("to_name", []):
-            for label in info.get("labels", []):
-                image_target(parsed, to_name, label, region_order)
+    for info in parsed.values():
+        if info.get("type") == "KeyPointLabels":
+            for to_name in info.get("to_name", []):
+                for label in info.get("labels", []):
+                    image_target(parsed, to_name, label, region_order)

@@ -138,6 +138,8 @@ class LabelStudioMLRequestError(RequestError, AnswerException):
 
 
 def _answered_with_its_status(method):
+    """Every entry point that label-studio-ml's servers call: a RequestError leaves it as LabelStudioMLRequestError."""
+
     @functools.wraps(method)
     def answered(*args, **kwargs):
         try:
@@ -173,6 +175,7 @@ class SegNextBackend(LabelStudioMLBase):
             self.use_label_config(label_config)
 
     def use_label_config(self, label_config: str | None) -> None:
+        """The request's label config and its parse (label-studio-ml 2.x calls this from its constructor)."""
         self.label_config = label_config
         self.parsed_label_config = parsed_label_config(label_config)
 

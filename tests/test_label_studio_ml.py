@@ -276,27 +276,24 @@ def test_the_product_never_imports_tools(tmp_path):
 
 # -- /setup refuses a label config that cannot work ------------------------------------------------------------
 
-# Each smart keypoint label must have a brush, polygon or rectangle label of the same name on the same image.
+# Each keypoint label must have a brush, polygon or rectangle label of the same name on the same image: the smart
+# ones' and those of a plain keypoint control beside them (points to turn into masks in a batch).
+PLAIN_KEYPOINTS = '  <KeyPointLabels name="points" toName="image"><Label value="{}"/></KeyPointLabels>\n</View>'
 NO_IMAGE = '<View><Text name="text" value="$text"/><Choices name="choice" toName="text"><Choice value="Thing"/></Choices></View>'
-NOT_SMART = LABEL_CONFIG.replace(' smart="true"', "")
 KEYPOINT_ON_NO_IMAGE = LABEL_CONFIG.replace('<KeyPointLabels name="tag2" toName="image"', '<KeyPointLabels name="tag2" toName="elsewhere"')
 REFUSED_AT_SETUP = {
     "label not carried": (LABEL_NOT_CARRIED, "label 'Other'"),
     "no KeyPointLabels": (NO_KEYPOINT_LABELS, "KeyPointLabels"),
     "no image": (NO_IMAGE, "an <Image> tag"),
-    "keypoints not smart": (NOT_SMART, 'smart="true"'),
     "keypoints on no image": (KEYPOINT_ON_NO_IMAGE, '<Image name="elsewhere">'),
+    "plain keypoint label not carried": (LABEL_CONFIG.replace("</View>", PLAIN_KEYPOINTS.format("Nose")), "label 'Nose'"),
     "not XML": ("<View><Image", "could not be parsed"),
 }
-# A plain (not smart) keypoint control beside the smart one never asks the backend: its labels need no region.
-WITH_PLAIN_KEYPOINTS = LABEL_CONFIG.replace(
-    "</View>", '  <KeyPointLabels name="landmarks" toName="image"><Label value="Nose"/></KeyPointLabels>\n</View>'
-)
 ACCEPTED_AT_SETUP = {
     "brush": LABEL_CONFIG,
     "polygon": LABEL_CONFIG.replace("BrushLabels", "PolygonLabels"),
     "rectangle": LABEL_CONFIG.replace("BrushLabels", "RectangleLabels"),
-    "plain keypoints beside": WITH_PLAIN_KEYPOINTS,
+    "plain keypoints beside": LABEL_CONFIG.replace("</View>", PLAIN_KEYPOINTS.format("Other")),
 }
 
 
