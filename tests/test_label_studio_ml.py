@@ -279,14 +279,19 @@ def test_the_product_never_imports_tools(tmp_path):
 # Each keypoint label must have a brush, polygon or rectangle label of the same name on the same image: the smart
 # ones' and those of a plain keypoint control beside them (points to turn into masks in a batch).
 PLAIN_KEYPOINTS = '  <KeyPointLabels name="points" toName="image"><Label value="{}"/></KeyPointLabels>\n</View>'
-NO_IMAGE = '<View><Text name="text" value="$text"/><Choices name="choice" toName="text"><Choice value="Thing"/></Choices></View>'
-KEYPOINT_ON_NO_IMAGE = LABEL_CONFIG.replace('<KeyPointLabels name="tag2" toName="image"', '<KeyPointLabels name="tag2" toName="elsewhere"')
+NO_IMAGE = """<View>
+  <Text name="text" value="$text"/>
+  <Choices name="choice" toName="text"><Choice value="Thing"/></Choices>
+</View>"""
+KEYPOINT_ON_NO_IMAGE = LABEL_CONFIG.replace('name="tag2" toName="image"', 'name="tag2" toName="elsewhere"')
 REFUSED_AT_SETUP = {
     "label not carried": (LABEL_NOT_CARRIED, "label 'Other'"),
     "no KeyPointLabels": (NO_KEYPOINT_LABELS, "KeyPointLabels"),
     "no image": (NO_IMAGE, "an <Image> tag"),
     "keypoints on no image": (KEYPOINT_ON_NO_IMAGE, '<Image name="elsewhere">'),
-    "plain keypoint label not carried": (LABEL_CONFIG.replace("</View>", PLAIN_KEYPOINTS.format("Nose")), "label 'Nose'"),
+    "plain keypoint label not carried": (
+        LABEL_CONFIG.replace("</View>", PLAIN_KEYPOINTS.format("Nose")), "label 'Nose'"
+    ),
     "not XML": ("<View><Image", "could not be parsed"),
 }
 ACCEPTED_AT_SETUP = {
@@ -385,7 +390,9 @@ def label_studio_ml_2_python() -> Path:
     run([*pip, "--no-deps", str(wheel)])
     run([*pip, "-r", "requirements-label-studio-ml.txt"])
     assert "No broken requirements" in run([str(python), "-m", "pip", "check"])
-    versions = run([str(python), "-c", "import importlib.metadata as m; print(m.version('label-studio-ml'), m.version('label-studio-sdk'))"])
+    versions = run([
+        str(python), "-c", "import importlib.metadata as m; print(m.version('label-studio-ml'), m.version('label-studio-sdk'))"
+    ])
     assert versions.split()[0].startswith("2.") and versions.split()[1] == "2.1.2", versions
     stamp.write_text(wanted)
     return python
@@ -404,7 +411,10 @@ import label_config, model
 base_parses = []
 for name in ("parse_config", "LabelInterface"):
     real = getattr(base, name)
-    setattr(base, name, lambda *args, _real=real, _name=name, **kwargs: (base_parses.append(_name), _real(*args, **kwargs))[1])
+    def counted(*args, _real=real, _name=name, **kwargs):
+        base_parses.append(_name)
+        return _real(*args, **kwargs)
+    setattr(base, name, counted)
 our_parses = []
 real_parse = label_config.parse_config
 label_config.parse_config = lambda text: (our_parses.append(1), real_parse(text))[1]
@@ -429,8 +439,8 @@ def region_mask(regions: list[dict], width: int, height: int) -> np.ndarray:
         return pillow_polygon_mask(regions, width, height)
     value = regions[0]["value"]
     box = np.zeros((height, width), bool)
-    left, top = round(value["x"] * width / 100), round(value["y"] * height / 100)
-    right, bottom = round((value["x"] + value["width"]) * width / 100), round((value["y"] + value["height"]) * height / 100)
+    left, right = round(value["x"] * width / 100), round((value["x"] + value["width"]) * width / 100)
+    top, bottom = round(value["y"] * height / 100), round((value["y"] + value["height"]) * height / 100)
     box[top:bottom, left:right] = True
     return box
 
