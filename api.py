@@ -120,12 +120,7 @@ def init_app(
         label_config = body.get(label_config_key)
         if label_config is not None and not isinstance(label_config, str):
             raise RequestError(f"{label_config_key} must be a string of XML")
-        try:
-            return model_class(project_id=_project_id(body), label_config=label_config)
-        except RequestError:  # a config over its size limit, say: already says what is wrong
-            raise
-        except Exception as error:  # label_studio_tools raises its own XML syntax error
-            raise RequestError(f"the label config could not be parsed: {error}") from None
+        return model_class(project_id=_project_id(body), label_config=label_config)  # a bad config: RequestError
 
     if basic_auth:
         user, password = basic_auth
@@ -158,8 +153,10 @@ def init_app(
     @app.post("/setup")
     def setup():
         body = json_body()
+        # Label Studio calls /setup when a model is added or validated: a config that cannot work is refused
+        # there, where the person adding the model sees it.
         model = make_model(body, "schema")
-        return jsonify(model_version=model.model_version)
+        return jsonify(model_version=model.setup_model_version())
 
     @app.post("/webhook")
     def webhook():

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 from segnext_backend.caches import LruCache
 from segnext_backend.errors import RequestError, TooLargeError
-from segnext_backend.runtime import loaded_runtime
-from segnext_backend.settings import Settings
+from segnext_backend.runtime import current_settings
 
 try:  # label-studio-ml 2.x: the parser comes with label-studio-sdk
     from label_studio_sdk._extensions.label_studio_tools.core.label_config import parse_config
@@ -31,13 +30,19 @@ def parsed_label_config(label_config: str | None) -> dict:
     """The parsed label config (shared between requests: read it, never change it)."""
     if not label_config:
         return {}
-    runtime = loaded_runtime()
-    limit = (runtime.settings if runtime else Settings()).max_label_config_bytes
+    limit = current_settings().max_label_config_bytes
     text = label_config.encode("utf-8", "surrogatepass")
     if len(text) > limit:
         raise TooLargeError(f"the label config is {len(text)} bytes, over the limit of {limit} (MAX_LABEL_CONFIG_BYTES)")
     digest = hashlib.sha256(text).hexdigest()
-    return _parsed_configs.get_or_compute(digest, lambda: (len(text), parse_config(label_config)))[1]
+    return _parsed_configs.get_or_compute(digest, lambda: (len(text), _parse(label_config)))[1]
+
+
+def _parse(label_config: str) -> dict:
+    try:
+        return parse_config(label_config)
+    except Exception as error:  # noqa: BLE001 - label-studio-tools raises its own XML syntax error, or a KeyError
+        raise RequestError(f"the label config could not be parsed: {error}"[:500]) from None
 
 
 # The controls a click can be answered in: kind (REGION_CONTROL_ORDER's name) -> control tag, region type.
@@ -114,3 +119,16 @@ def image_target(parsed: dict, to_name: str, label: str, region_order: tuple[str
         f"no control on the image '{to_name}' that this backend answers carries the label {label!r} "
         f"(controls found: {_controls_found(parsed)}; answered: REGION_CONTROL_ORDER={','.join(region_order)})"
     )
+
+
+def require_answerable_config(parsed: dict, region_order: tuple[str, ...]) -> None:
+    """What /setup checks, so that the person adding the model learns what a click would fail on (Label Studio
+    shows an annotator nothing of a click's error): `require_interactive_config`, and for every label of every
+    KeyPointLabels control, on every image it points at, the control that answers it (the error a click with
+    that label would get)."""
+    require_interactive_config(parsed, region_order)
+    for info in parsed.values():
+        if info.get("type") == "KeyPointLabels":
+            for to_name in info.get("to_name", []):
+                for label in info.get("labels", []):
+                    image_target(parsed, to_name, label, region_order)

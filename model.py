@@ -9,19 +9,34 @@ process's models and caches are `segnext_backend.runtime`'s.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from label_studio_ml.exceptions import AnswerException
 from label_studio_ml.model import LabelStudioMLBase
 
-from label_config import ImageTarget, image_target, parsed_label_config, require_interactive_config
+from label_config import (
+    ImageTarget,
+    image_target,
+    parsed_label_config,
+    require_answerable_config,
+    require_interactive_config,
+)
 from segnext_backend.errors import RequestError, TooLargeError
 from segnext_backend.limits import check_frame_size
 from segnext_backend.masks import mask_to_rle
-from segnext_backend.runtime import SEGNEXT_VERSION, Runtime, get_runtime, loaded_runtime, start_loading
+from segnext_backend.runtime import (
+    SEGNEXT_VERSION,
+    Runtime,
+    current_settings,
+    get_runtime,
+    loaded_runtime,
+    start_loading,
+)
 
 # The segmenter (and with it ONNX Runtime) is imported where it is used, not here: a server that imports this
 # module and then forks its workers (gunicorn --preload) must not have imported onnxruntime, or every worker
@@ -111,11 +126,56 @@ def clicks_from_context(context: dict) -> ObjectClicks:
 # -- the backend ----------------------------------------------------------------------------------------------
 
 
+class LabelStudioMLRequestError(RequestError, AnswerException):
+    """A RequestError as it leaves the model class: label-studio-ml's own servers (its `init_app`, 2.x and
+    1.0.9) answer an AnswerException with its status and any other exception with a 500, so they answer this
+    one with its 4xx and message; the project's server (api.py) answers it as any RequestError."""
+
+    def __init__(self, error: RequestError):
+        Exception.__init__(self, str(error))  # not AnswerException's: it builds a Flask response at once
+        self.http_status = error.http_status
+        self.status, self.msg, self.result = error.http_status, str(error), {}
+
+
+def _answered_with_its_status(method):
+    """Every entry point that label-studio-ml's servers call: a RequestError leaves it as LabelStudioMLRequestError."""
+
+    @functools.wraps(method)
+    def answered(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except LabelStudioMLRequestError:
+            raise
+        except RequestError as error:
+            raise LabelStudioMLRequestError(error) from error
+
+    return answered
+
+
+# label-studio-ml 2.x's base class takes the label config through use_label_config() (its constructor calls it);
+# 1.0.9's assigns it and parses it in its constructor, without a bound.
+_BASE_TAKES_LABEL_CONFIG = hasattr(LabelStudioMLBase, "use_label_config")
+
+
 class SegNextBackend(LabelStudioMLBase):
     """SegNext interactive segmentation: smart keypoints in, brush, polygon or rectangle regions out."""
 
-    def __init__(self, label_config=None, **kwargs):
-        super().__init__(label_config=None, **kwargs)  # parsed below: bounded, and once per distinct config
+    # Plain attributes, set by use_label_config() from label_config.py's bounded cache (parsed once per distinct
+    # config, although label-studio-ml makes an instance per request). In 2.x they are read-only properties over
+    # its per-project store, filled by an unbounded parse: nothing here goes to that store.
+    label_config: str | None = None
+    parsed_label_config: dict = {}
+
+    @_answered_with_its_status
+    def __init__(self, project_id=None, label_config=None, **kwargs):
+        if _BASE_TAKES_LABEL_CONFIG:  # 2.x: calls use_label_config(label_config), then setup()
+            super().__init__(project_id=project_id, label_config=label_config)
+        else:  # 1.0.9: would parse the config itself
+            super().__init__(label_config=None, project_id=project_id, **kwargs)
+            self.use_label_config(label_config)
+
+    def use_label_config(self, label_config: str | None) -> None:
+        """The request's label config and its parse (label-studio-ml 2.x calls this from its constructor)."""
         self.label_config = label_config
         self.parsed_label_config = parsed_label_config(label_config)
 
@@ -125,13 +185,26 @@ class SegNextBackend(LabelStudioMLBase):
         return runtime.model_version if runtime else SEGNEXT_VERSION
 
     def setup(self):
-        """label-studio-ml 2.x calls this from the constructor of every request's instance and answers /setup
-        with `self.get("model_version")`: start loading the models (without waiting: Label Studio gives
-        /setup 3 s), and keep the version where 2.x reads it."""
+        """label-studio-ml 2.x calls this from the constructor of every request's instance: start loading the
+        models, without waiting (Label Studio gives /setup 3 s)."""
         start_loading()
-        if self.get("model_version") != self.model_version:
-            self.set("model_version", self.model_version)
 
+    @_answered_with_its_status
+    def get(self, key: str):
+        """label-studio-ml 2.x's per-project store. Its /setup answers `get("model_version")`: that is the
+        checked version here; every other key is the store's."""
+        if key == "model_version":
+            return self.setup_model_version()
+        return super().get(key)
+
+    def setup_model_version(self) -> str:
+        """What /setup answers: the model version, once the label config passes `require_answerable_config`.
+        Label Studio calls /setup when a model is added or validated, and shows a refusal there; a click's
+        error reaches no one but Label Studio's log."""
+        require_answerable_config(self.parsed_label_config, current_settings().region_control_order)
+        return self.model_version
+
+    @_answered_with_its_status
     def predict(self, tasks, context=None, **kwargs) -> list[dict]:
         runtime = get_runtime()
         if not isinstance(tasks, list) or not tasks:

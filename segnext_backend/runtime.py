@@ -194,6 +194,12 @@ def loaded_runtime() -> Runtime | None:
     return _runtime
 
 
+def current_settings() -> Settings:
+    """The loaded runtime's settings, or before the models are in, the environment's (those the load will use)."""
+    runtime = _runtime
+    return runtime.settings if runtime is not None else Settings.from_env()
+
+
 def stop_background_work() -> None:
     """On SIGTERM: no more background fetches or encodes (the clicks in progress still finish)."""
     if _runtime is not None:

@@ -1,11 +1,13 @@
-"""SegNextBackend under label-studio-ml's own servers: `init_app(model_class=SegNextBackend)`, `label-studio-ml
-start`, `gunicorn --preload _wsgi:app`; the lazy, once-per-process model load they rely on; the command-line
-flags and variable names of label-studio-ml. (label-studio-ml 2.x is not on PyPI: its server is tested through
-1.0.9's, the one installed, and its `setup()` / `get` / `set` contract directly.)"""
+"""SegNextBackend under label-studio-ml's own servers: 2.x's `init_app(model_class=SegNextBackend)`, `_wsgi.py -p`
+and `label-studio-ml start` in a virtual environment made as a user makes it (2.x from its wheel, label-studio-sdk
+2.1.2, requirements-label-studio-ml.txt); 1.0.9's `init_app` (the version requirements.txt installs);
+`gunicorn --preload _wsgi:app`; the lazy, once-per-process model load they rely on; /setup's refusal of label
+configs that cannot work; the command-line flags and variable names of label-studio-ml."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from conftest import (
@@ -27,10 +30,12 @@ from conftest import (
     encode_png,
     free_port,
     iou,
+    keypoint,
     make_scene,
     predict_body,
     wait_until_healthy,
 )
+from tools.scenes import LABEL_NOT_CARRIED, NO_KEYPOINT_LABELS, pillow_polygon_mask
 
 import _wsgi
 import model
@@ -52,8 +57,8 @@ def lazy_env(tmp_path, monkeypatch, image_server):
     process_runtime.set_runtime(None)
 
 
-def test_label_studio_ml_init_app_serves_a_click_without_any_other_call(lazy_env, image_server, tmp_path):
-    from label_studio_ml.api import init_app
+def test_label_studio_ml_1_init_app_serves_a_click_without_any_other_call(lazy_env, image_server, tmp_path):
+    from label_studio_ml.api import init_app  # 1.0.9's (requirements-no-deps.txt)
 
     app = init_app(model_class=model.SegNextBackend, model_dir=str(tmp_path / "label-studio-ml"))
     client = app.test_client()
@@ -136,20 +141,6 @@ def test_a_forked_child_does_not_inherit_the_parents_models(lazy_env):
     os.close(read_end)
     assert answer == b"none"
     assert process_runtime._runtime is not None  # the parent keeps its own
-
-
-def test_setup_keeps_the_model_version_where_label_studio_ml_2_reads_it(lazy_env):
-    # label-studio-ml 2.x's LabelStudioMLBase calls setup() from its constructor, stores values per project with
-    # get()/set(), and answers /setup with self.get("model_version"). 1.0.9's base has neither, so both are
-    # given to the instance here as 2.x gives them.
-    store = {}
-    backend = model.SegNextBackend(label_config=LABEL_CONFIG)
-    backend.get, backend.set = store.get, store.__setitem__
-    backend.setup()
-    assert store["model_version"] in (process_runtime.SEGNEXT_VERSION, process_runtime.DEMO_VERSION)  # never null
-    process_runtime.start_loading().result(READY_DEADLINE_SECONDS)  # setup() started the load
-    backend.setup()
-    assert store["model_version"] == process_runtime.DEMO_VERSION
 
 
 def test_settings_accept_label_studio_ml_variable_names():
@@ -281,3 +272,285 @@ def test_the_product_never_imports_tools(tmp_path):
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+# -- /setup refuses a label config that cannot work ------------------------------------------------------------
+
+# Each keypoint label must have a brush, polygon or rectangle label of the same name on the same image: the smart
+# ones' and those of a plain keypoint control beside them (points to turn into masks in a batch).
+PLAIN_KEYPOINTS = '  <KeyPointLabels name="points" toName="image"><Label value="{}"/></KeyPointLabels>\n</View>'
+NO_IMAGE = """<View>
+  <Text name="text" value="$text"/>
+  <Choices name="choice" toName="text"><Choice value="Thing"/></Choices>
+</View>"""
+KEYPOINT_ON_NO_IMAGE = LABEL_CONFIG.replace('name="tag2" toName="image"', 'name="tag2" toName="elsewhere"')
+REFUSED_AT_SETUP = {
+    "label not carried": (LABEL_NOT_CARRIED, "label 'Other'"),
+    "no KeyPointLabels": (NO_KEYPOINT_LABELS, "KeyPointLabels"),
+    "no image": (NO_IMAGE, "an <Image> tag"),
+    "keypoints on no image": (KEYPOINT_ON_NO_IMAGE, '<Image name="elsewhere">'),
+    "plain keypoint label not carried": (
+        LABEL_CONFIG.replace("</View>", PLAIN_KEYPOINTS.format("Nose")), "label 'Nose'"
+    ),
+    "not XML": ("<View><Image", "could not be parsed"),
+}
+ACCEPTED_AT_SETUP = {
+    "brush": LABEL_CONFIG,
+    "polygon": LABEL_CONFIG.replace("BrushLabels", "PolygonLabels"),
+    "rectangle": LABEL_CONFIG.replace("BrushLabels", "RectangleLabels"),
+    "plain keypoints beside": LABEL_CONFIG.replace("</View>", PLAIN_KEYPOINTS.format("Other")),
+}
+
+
+def setup_body(label_config: str) -> dict:
+    body = copy.deepcopy(captured("setup-request.json"))
+    body["schema"] = label_config
+    return body
+
+
+def test_setup_refuses_a_config_that_cannot_work_and_answers_a_right_one(make_client, image_server):
+    client, _ = make_client()
+    for name, (label_config, reason) in REFUSED_AT_SETUP.items():
+        response = client.post("/setup", json=setup_body(label_config))
+        assert response.status_code == 400 and reason in response.json["error"], (name, response.json)
+    for name, label_config in ACCEPTED_AT_SETUP.items():
+        response = client.post("/setup", json=setup_body(label_config))
+        assert response.status_code == 200 and response.json["model_version"] == process_runtime.DEMO_VERSION, name
+    # A click with a label the config answers still gets its mask where another label is not carried: the
+    # refusal is /setup's, so that a running project is not stopped by a later edit of its config.
+    scene = make_scene(400, 300, seed=34)
+    path = image_server.add("/data/upload/1/setup.png", encode_png(scene.pixels))
+    body = predict_body(path, [click_on(scene, 0)])
+    body["label_config"] = LABEL_NOT_CARRIED
+    region = client.post("/predict", json=body).json["results"][0]["result"][0]
+    assert iou(decode_region(region, 400, 300), scene.objects[0]) >= 0.98
+    other = predict_body(path, [keypoint(50, 50, 400, 300, label="Other")])
+    other["label_config"] = LABEL_NOT_CARRIED
+    refused = client.post("/predict", json=other)
+    assert refused.status_code == 400 and "label 'Other'" in refused.json["error"]  # the reason /setup gave
+
+
+# -- label-studio-ml 2.x, from its wheel --------------------------------------------------------------------------
+
+LABEL_STUDIO_ML_2_VENV = ROOT / ".cache" / "venv-label-studio-ml-2"
+SDK_OF_LABEL_STUDIO = "label-studio-sdk==2.1.2"  # what Label Studio 1.23.2 pins
+
+
+def label_studio_ml_2_wheel() -> Path | None:
+    """label-studio-ml 2.x is not on PyPI: its wheel is LABEL_STUDIO_ML_2_WHEEL, or in ../shared/wheels beside
+    the clone (where CI puts it)."""
+    if os.environ.get("LABEL_STUDIO_ML_2_WHEEL"):
+        return Path(os.environ["LABEL_STUDIO_ML_2_WHEEL"])
+    found = sorted((ROOT.parent / "shared" / "wheels").glob("label_studio_ml-2.*.whl"))
+    return found[-1] if found else None
+
+
+def wheel_dependencies(wheel: Path) -> list[str]:
+    """The wheel's Requires-Dist, with label-studio-sdk (a git URL there) at the version Label Studio pins."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = next(name for name in archive.namelist() if name.endswith(".dist-info/METADATA"))
+        lines = archive.read(metadata).decode().splitlines()
+    wanted = [line.split(":", 1)[1].strip() for line in lines if line.startswith("Requires-Dist:")]
+    return [SDK_OF_LABEL_STUDIO if name.startswith("label-studio-sdk") else name for name in wanted]
+
+
+@pytest.fixture(scope="module")
+def label_studio_ml_2_python() -> Path:
+    """The python of a virtual environment made as a user makes one for label-studio-ml 2.x: the wheel's
+    dependencies, the wheel itself with --no-deps, then `pip install -r requirements-label-studio-ml.txt`.
+    Made once and kept in .cache/ until the wheel or that file changes."""
+    import hashlib
+    import shutil
+
+    wheel = label_studio_ml_2_wheel()
+    if wheel is None or not wheel.is_file():
+        pytest.skip(
+            "label-studio-ml 2.x is not on PyPI and its wheel is not here: put it in ../shared/wheels beside this "
+            "clone or name it in LABEL_STUDIO_ML_2_WHEEL"
+        )
+    python = LABEL_STUDIO_ML_2_VENV / "bin" / "python"
+    stamp = LABEL_STUDIO_ML_2_VENV / ".installed-label-studio-ml-2"
+    wanted = hashlib.sha256(
+        wheel.read_bytes() + (ROOT / "requirements-label-studio-ml.txt").read_bytes() + sys.version.encode()
+    ).hexdigest()
+    if stamp.is_file() and stamp.read_text() == wanted:
+        return python
+
+    def run(command: list) -> str:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        assert result.returncode == 0, f"{command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        return result.stdout
+
+    shutil.rmtree(LABEL_STUDIO_ML_2_VENV, ignore_errors=True)
+    run([sys.executable, "-m", "venv", str(LABEL_STUDIO_ML_2_VENV)])
+    pip = [str(python), "-m", "pip", "--disable-pip-version-check", "install", "--quiet"]
+    run([*pip, *wheel_dependencies(wheel)])
+    run([*pip, "--no-deps", str(wheel)])
+    run([*pip, "-r", "requirements-label-studio-ml.txt"])
+    assert "No broken requirements" in run([str(python), "-m", "pip", "check"])
+    versions = run([
+        str(python), "-c", "import importlib.metadata as m; print(m.version('label-studio-ml'), m.version('label-studio-sdk'))"
+    ])
+    assert versions.split()[0].startswith("2.") and versions.split()[1] == "2.1.2", versions
+    stamp.write_text(wanted)
+    return python
+
+
+# Run in the 2.x environment: label-studio-ml's own app, every request of REQUESTS through it; what it answered,
+# how often our parser ran, and whether label-studio-ml's own parse (LabelInterface, parse_config) or its
+# per-project store saw a label config.
+INIT_APP_CLIENT = """
+import json, sys
+import label_studio_ml.model as base
+from label_studio_ml.api import init_app
+
+import label_config, model
+
+base_parses = []
+for name in ("parse_config", "LabelInterface"):
+    real = getattr(base, name)
+    def counted(*args, _real=real, _name=name, **kwargs):
+        base_parses.append(_name)
+        return _real(*args, **kwargs)
+    setattr(base, name, counted)
+our_parses = []
+real_parse = label_config.parse_config
+label_config.parse_config = lambda text: (our_parses.append(1), real_parse(text))[1]
+
+client = init_app(model_class=model.SegNextBackend).test_client()
+answers = []
+for path, body in json.load(open(sys.argv[1])):
+    response = client.post(path, json=body)
+    answers.append({"status": response.status_code, "json": response.get_json(silent=True)})
+stored = ("1", "label_config") in base.CACHE or ("1", "parsed_label_config") in base.CACHE
+json.dump({"answers": answers, "our_parses": len(our_parses), "base_parses": base_parses, "stored": stored},
+          open(sys.argv[2], "w"))
+"""
+
+
+def region_mask(regions: list[dict], width: int, height: int) -> np.ndarray:
+    """The pixels of the answered regions, as their consumers read them (brush RLE, polygons, the box)."""
+    kind = regions[0]["type"]
+    if kind == "brushlabels":
+        return decode_region(regions[0], width, height)
+    if kind == "polygonlabels":
+        return pillow_polygon_mask(regions, width, height)
+    value = regions[0]["value"]
+    box = np.zeros((height, width), bool)
+    left, right = round(value["x"] * width / 100), round((value["x"] + value["width"]) * width / 100)
+    top, bottom = round(value["y"] * height / 100), round((value["y"] + value["height"]) * height / 100)
+    box[top:bottom, left:right] = True
+    return box
+
+
+def test_label_studio_ml_2_init_app_answers_clicks_and_setup(label_studio_ml_2_python, image_server, tmp_path):
+    scene = make_scene(640, 480, seed=35)  # rectangles: the objects' own boxes are compared
+    path = image_server.add("/data/upload/1/two.png", encode_png(scene.pixels))
+    kinds = {"brush": ("brushlabels", 0.98), "polygon": ("polygonlabels", 0.97), "rectangle": ("rectanglelabels", 0.98)}
+    clicks = []
+    for kind, index in zip(kinds, (2, 0, 1)):
+        for _ in range(2):  # the same config again: parsed once
+            body = predict_body(path, [click_on(scene, index)])
+            body["label_config"] = ACCEPTED_AT_SETUP[kind]
+            clicks.append(("/predict", body))
+    too_large = predict_body(path, [click_on(scene, 0)])
+    too_large["label_config"] = LABEL_CONFIG.replace("</View>", "<!--" + "x" * 20_000 + "--></View>")
+    unknown_label = predict_body(path, [keypoint(50, 50, 640, 480, label="Nope")])
+    sent = [
+        ("/setup", setup_body(LABEL_CONFIG)),  # before anything is loaded
+        *clicks,
+        ("/predict", predict_body(path, None)),  # a task opened
+        ("/setup", setup_body(LABEL_CONFIG)),
+        *[("/setup", setup_body(label_config)) for label_config, _ in REFUSED_AT_SETUP.values()],
+        ("/setup", setup_body(too_large["label_config"])),
+        ("/predict", too_large),
+        ("/predict", unknown_label),
+    ]
+    requests_file, answers_file = tmp_path / "requests.json", tmp_path / "answers.json"
+    requests_file.write_text(json.dumps(sent))
+    result = subprocess.run(
+        [str(label_studio_ml_2_python), "-c", INIT_APP_CLIENT, str(requests_file), str(answers_file)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**backend_env(tmp_path, DEMO="true", LABEL_STUDIO_URL=image_server.url, MAX_LABEL_CONFIG_BYTES="10000"),
+             "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    report = json.loads(answers_file.read_text())
+    answers = iter(report["answers"])
+
+    first_setup = next(answers)
+    assert first_setup["status"] == 200 and first_setup["json"]["model_version"], first_setup  # never null
+    for (kind, (region_type, least_iou)), index in zip(kinds.items(), (2, 0, 1)):
+        for _ in range(2):
+            answer = next(answers)
+            assert answer["status"] == 200, answer
+            regions = answer["json"]["results"][0]["result"]
+            assert {region["type"] for region in regions} == {region_type}, kind
+            wanted = scene.objects[index]
+            if kind == "rectangle":
+                rows, columns = np.nonzero(wanted)
+                wanted = np.zeros_like(wanted)
+                wanted[rows.min():rows.max() + 1, columns.min():columns.max() + 1] = True
+            assert iou(region_mask(regions, 640, 480), wanted) >= least_iou, kind
+    opened = next(answers)
+    assert opened["status"] == 200 and opened["json"]["results"] == [[]], opened
+    setup = next(answers)
+    assert setup["status"] == 200 and setup["json"]["model_version"] == process_runtime.DEMO_VERSION, setup
+    # label-studio-ml 2.x answers an exception with 500 unless it is its AnswerException: the backend's refusals
+    # keep their 4xx and reason there too ({"status": ..., "detail": ...} is 2.x's answer).
+    for name, (_, reason) in REFUSED_AT_SETUP.items():
+        refused = next(answers)
+        assert refused["status"] == 400 and reason in refused["json"]["detail"], (name, refused)
+    for what in ("setup", "predict"):
+        refused = next(answers)
+        assert refused["status"] == 413 and "MAX_LABEL_CONFIG_BYTES" in refused["json"]["detail"], (what, refused)
+    refused = next(answers)
+    assert refused["status"] == 400 and "label 'Nope'" in refused["json"]["detail"], refused
+    # The configs are parsed by the backend's bounded cache, once each, although 2.x makes an instance per
+    # request; 2.x's own unbounded parse never runs and its per-project store never holds a config.
+    distinct = {body.get("label_config", body.get("schema")) for _, body in sent}
+    parsable = {text for text in distinct if len(text.encode()) <= 10_000}
+    assert report["our_parses"] == len(parsable), report["our_parses"]
+    assert report["base_parses"] == [] and report["stored"] is False, report
+
+
+@pytest.mark.parametrize("command", ["_wsgi.py -p", "label-studio-ml start . -p"])
+def test_label_studio_ml_2_environment_serves_with_the_project_server(
+    label_studio_ml_2_python, image_server, tmp_path, command
+):
+    # What requirements-label-studio-ml.txt installs beside 2.x is everything the backend imports: it starts,
+    # loads, clicks and answers /setup. `label-studio-ml start DIR -p PORT` runs `python DIR/_wsgi.py -p PORT`.
+    port = free_port()
+    log = tmp_path / "backend.log"
+    bin_dir = label_studio_ml_2_python.parent
+    env = backend_env(tmp_path, DEMO="true", LABEL_STUDIO_URL=image_server.url)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    args = ["-p", str(port), "--host", "127.0.0.1"]
+    if command.startswith("label-studio-ml"):
+        argv = [str(bin_dir / "label-studio-ml"), "start", ".", *args]
+    else:
+        argv = [str(label_studio_ml_2_python), "_wsgi.py", *args]
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy(url, process, log)
+        scene = make_scene(600, 400, seed=36)
+        path = image_server.add("/data/upload/1/served.png", encode_png(scene.pixels))
+        for kind, label_config in ACCEPTED_AT_SETUP.items():
+            body = predict_body(path, [click_on(scene, 1)])
+            body["label_config"] = label_config
+            response = requests.post(url + "/predict", json=body, timeout=READY_DEADLINE_SECONDS)
+            assert response.status_code == 200, response.text
+            regions = response.json()["results"][0]["result"]
+            if kind in ("brush", "polygon"):
+                assert iou(region_mask(regions, 600, 400), scene.objects[1]) >= 0.97, kind
+        setup = requests.post(url + "/setup", json=setup_body(LABEL_CONFIG), timeout=30)
+        assert setup.json() == {"model_version": process_runtime.DEMO_VERSION}
+        refused = requests.post(url + "/setup", json=setup_body(LABEL_NOT_CARRIED), timeout=30)
+        assert refused.status_code == 400 and "label 'Other'" in refused.json()["error"]
+    finally:
+        stop_group(process)
+    assert "Traceback" not in log.read_text(), log.read_text()

@@ -33,6 +33,13 @@ LABEL_CONFIG = """<View>
     <Label value="Other" smart="true" background="#000000" showInline="true"/>
   </KeyPointLabels>
 </View>"""
+# Label configs that /setup refuses: a smart keypoint label ("Other") that no region control carries, and no
+# keypoint control at all.
+LABEL_NOT_CARRIED = LABEL_CONFIG.replace('    <Label value="Other" background="#0d14d3"/>\n', "")
+NO_KEYPOINT_LABELS = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="Thing"/></BrushLabels>
+</View>"""
 
 
 @dataclass

@@ -209,6 +209,10 @@ class Backend:
     def log_tail(self) -> str:
         return tail(self.workdir / f"backend-{self.starts}.log")
 
+    def log_text(self) -> str:
+        """This backend process's whole log so far."""
+        return (self.workdir / f"backend-{self.starts}.log").read_text(errors="replace")
+
     def predict_requests(self) -> int:
         """How many POST /predict this backend process has answered (from its access log)."""
         return (self.workdir / f"backend-{self.starts}.log").read_text(errors="replace").count('"POST /predict ')
