@@ -543,3 +543,15 @@ def test_names_that_a_spreadsheet_would_read_as_formulas_are_written_as_text(mod
         names = [row[0] for row in __import__("csv").reader(file)][1:]
     assert names == ["'=HYPERLINK(1).png", "a_shapes.png", "a_shapes.png", "c_ignore.png"]
     assert [evaluate.spreadsheet_text(t) for t in ("-5", "+1.5", "@x", "-1+cmd", "\tx", "plain")] == ["-5", "+1.5", "'@x", "'-1+cmd", "'\tx", "plain"]
+
+
+@pytest.mark.parametrize("polygon", [[0, 0, 10**400, 0, 5, 5], [0, 0, "a", 0, 5, 5], [0, 0, 1, 0, 5, 5, 7], [0, 0, float("nan"), 0, 5, 5]])
+def test_a_coco_polygon_that_is_not_finite_pixel_pairs_is_a_clear_error(tmp_path, polygon):
+    from tools.eval_datasets import read_coco
+
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "small.png")
+    coco = tmp_path / "coco.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "small.png", "width": 64, "height": 48}],
+                                "annotations": [{"id": 9, "image_id": 1, "segmentation": [polygon]}]}))
+    with pytest.raises(DatasetError, match="annotation 9: a polygon (is not a list of x, y pixel coordinates|has a coordinate that is not a finite number)"):
+        read_coco(coco, tmp_path)

@@ -22,7 +22,6 @@ the images folder (no absolute path, no `..`).
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -94,14 +93,17 @@ def check_frame(width: int, height: int, max_pixels: int, where) -> None:
 
 def check_outline(flat: Sequence[float], width: int, height: int, where: str) -> None:
     """A polygon [x0, y0, x1, y1, ...] in pixels whose outline its frame can hold (see the module docstring)."""
-    points = np.asarray(flat, dtype=np.float64).reshape(-1, 2)
+    try:
+        points = np.asarray(flat, dtype=np.float64).reshape(-1, 2)
+    except (TypeError, ValueError, OverflowError) as error:  # not numbers, an odd count, beyond a float
+        raise DatasetError(f"{where}: a polygon is not a list of x, y pixel coordinates ({error})") from None
     if not np.isfinite(points).all():
         raise DatasetError(f"{where}: a polygon has a coordinate that is not a finite number")
-    steps = np.abs(np.diff(points, axis=0, append=points[:1])).max(axis=1)
+    outline = float(np.abs(np.diff(points, axis=0, append=points[:1])).max(axis=1).sum())
     limit = MAX_OUTLINE_PER_SIDE * (width + height)
-    if steps.sum() > limit:
+    if outline > limit:
         raise DatasetError(
-            f"{where}: a polygon's outline is {math.ceil(steps.sum())} pixels long, over the limit of {limit} "
+            f"{where}: a polygon's outline is {outline:.6g} pixels long, over the limit of {limit} "
             f"({MAX_OUTLINE_PER_SIDE} x (width + height) of its {width}x{height} frame): its points lie far outside the frame"
         )
 
@@ -332,7 +334,10 @@ def _brush_loader(rle: list, width: int, height: int, where: str) -> Callable[[]
 
 
 def _polygon_loader(points: list, width: int, height: int, where: str) -> Callable[[], GroundTruth]:
-    flat = [coordinate for x, y in points for coordinate in (x / 100 * width, y / 100 * height)]
+    try:
+        flat = [coordinate for x, y in points for coordinate in (x / 100 * width, y / 100 * height)]
+    except OverflowError:  # a whole number beyond a float
+        raise DatasetError(f"{where}: a polygon has a coordinate that is not a finite number") from None
     check_outline(flat, width, height, where)
 
     def load() -> GroundTruth:
@@ -501,10 +506,7 @@ def read_coco(coco_path: Path, images_dir: Path, max_pixels: int = DEFAULT_MAX_P
                 raise DatasetError(f"{where}: its polygons need at least three points each")
             else:
                 for polygon in segmentation:
-                    try:
-                        check_outline(polygon, width, height, where)
-                    except (TypeError, ValueError) as error:  # not numbers, or an odd count
-                        raise DatasetError(f"{where}: a polygon is not a list of x, y pixel coordinates ({error})") from None
+                    check_outline(polygon, width, height, where)
             objects.append(
                 DatasetObject(
                     image=entry["file_name"],
