@@ -1,7 +1,7 @@
 """Log lines that a request cannot forge.
 
 Task ids, labels, image URLs, basic-auth user names and the messages of errors built from them are text a
-request chooses. Written raw, a newline in one (`&#10;` in a label config, `"1\n[ERROR] ..."` as a task id)
+request chooses. Written raw, a newline in one (`&#10;` in a label config, `"1\\n[ERROR] ..."` as a task id)
 starts a line that reads like one of the backend's own. `EscapingFilter` escapes control characters, as
 Python's repr writes them (`\\n`, `\\x1b`, `\\u2028`), in everything a log record takes from outside its
 format string: the arguments (`logger.info("task %s", task_id)`), a message that is not a string, and each

@@ -400,7 +400,8 @@ def zip_declaring(members: dict[str, bytes], declared: dict[str, int]) -> bytes:
 
 def test_an_archive_declaring_more_than_the_free_space_is_refused_before_writing(server, model_dir, monkeypatch):
     # 464 bytes of download, 40 MB of zeros once inflated: the disk (here: 30 MB free) is never filled.
-    url = server.serve("/bomb.dtmodel", make_zip({f"{PREFIX}encoder.onnx": bytes(40_000_000), f"{PREFIX}decoder.onnx": b"d"}))
+    bomb = make_zip({f"{PREFIX}encoder.onnx": bytes(40_000_000), f"{PREFIX}decoder.onnx": b"d"})
+    url = server.serve("/bomb.dtmodel", bomb)
     written = []
     real_copy = model_files.shutil.copyfileobj
     monkeypatch.setattr(model_files, "_free_bytes", lambda folder: 30_000_000)
@@ -422,8 +423,8 @@ def test_a_member_declaring_more_than_an_onnx_file_can_hold_is_refused(server, m
 def test_a_member_inflating_past_its_declared_size_writes_no_more_than_declared(server, model_dir):
     # What bounds the writing is the declared size: zipfile stops there (and the CRC then fails).
     encoder = f"{PREFIX}encoder.onnx"
-    url = server.serve("/liar.dtmodel", zip_declaring({encoder: bytes(5_000_000), f"{PREFIX}decoder.onnx": DECODER_BYTES},
-                                                        {encoder: 1000}))
+    liar = zip_declaring({encoder: bytes(5_000_000), f"{PREFIX}decoder.onnx": DECODER_BYTES}, {encoder: 1000})
+    url = server.serve("/liar.dtmodel", liar)
     with pytest.raises(ModelDownloadError, match="not a valid zip archive"):
         ensure_model_files(model_dir, url, None, progress=False)
     assert dir_listing(model_dir) == []
@@ -438,7 +439,8 @@ def test_a_download_larger_than_the_free_space_is_refused_before_writing(server,
 
 
 @pytest.mark.parametrize("full_at", [1, 2], ids=["download", "extract"])
-def test_a_full_disk_is_a_download_error_retried_later_with_nothing_left_behind(server, model_dir, monkeypatch, full_at):
+def test_a_full_disk_is_a_download_error_retried_later_with_nothing_left_behind(server, model_dir, monkeypatch,
+                                                                                 full_at):
     # gunicorn's master retries download errors (gunicorn.conf.py) and exits on anything else, which Docker's
     # restart policy answers with a new process and the same download, in a loop.
     url = server.serve("/model.dtmodel", GOOD_ZIP)

@@ -104,14 +104,16 @@ def check_outline(flat: Sequence[float], width: int, height: int, where: str) ->
     if outline > limit:
         raise DatasetError(
             f"{where}: a polygon's outline is {outline:.6g} pixels long, over the limit of {limit} "
-            f"({MAX_OUTLINE_PER_SIDE} x (width + height) of its {width}x{height} frame): its points lie far outside the frame"
+            f"({MAX_OUTLINE_PER_SIDE} x (width + height) of its {width}x{height} frame): "
+            "its points lie far outside the frame"
         )
 
 
 def _is_inside_folder(file_name: str) -> bool:
     """A relative path without '..': joined to a folder, it names something under it."""
     posix = PurePosixPath(file_name.replace("\\", "/"))
-    return bool(file_name) and not posix.is_absolute() and ".." not in posix.parts and not PureWindowsPath(file_name).drive
+    drive = PureWindowsPath(file_name).drive
+    return bool(file_name) and not posix.is_absolute() and ".." not in posix.parts and not drive
 
 
 # -- images on disk ---------------------------------------------------------------------------------------
@@ -126,7 +128,9 @@ def displayed_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[in
             check_frame(width, height, max_pixels, path)  # before the EXIF, which may read further
             orientation = image.getexif().get(_EXIF_ORIENTATION)
     except Image.DecompressionBombError as error:
-        raise DatasetError(f"{path} has more pixels than the limit of {max_pixels} (MAX_IMAGE_PIXELS): {error}") from None
+        raise DatasetError(
+            f"{path} has more pixels than the limit of {max_pixels} (MAX_IMAGE_PIXELS): {error}"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DatasetError(f"{path} cannot be read as an image: {error}") from None
     return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)

@@ -554,13 +554,15 @@ def main(argv=None) -> int:
             by_name = predict_body("/data/upload/1/small.png", [click_on(small, 0)])
             by_name["params"]["context"]["result"][0]["to_name"] = "image\n" + forged + " by a name"
             answers = [post(by_task_id).status_code, post(by_name).status_code]
-            answers.append(requests.get(url + "/health", auth=("someone\n" + forged + " by a user name", "x"), timeout=30).status_code)
+            user = "someone\n" + forged + " by a user name"
+            answers.append(requests.get(url + "/health", auth=(user, "x"), timeout=30).status_code)
             time.sleep(1)  # gunicorn writes the access log line after the answer
             lines = log_path.read_text().splitlines()
             forged_lines = [line for line in lines if line.startswith(forged)]
             escaped = sum(("\\n" + forged) in line for line in lines)
             ok = answers == [200, 400, 401] and not forged_lines and escaped >= 3
-            return ok, f"{', '.join(map(str, answers))}; lines starting with {forged!r}: {len(forged_lines)}, escaped: {escaped}"
+            answered = ", ".join(map(str, answers))
+            return ok, f"{answered}; lines starting with {forged!r}: {len(forged_lines)}, escaped: {escaped}"
 
         honest = Honest(url, honest_scenes)
         clicker = threading.Thread(target=honest.run)
