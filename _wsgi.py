@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from segnext_backend.exposure import check_exposure
+from segnext_backend.logs import escape_request_text
 from segnext_backend.model_files import ModelFilesError
 from segnext_backend.runtime import load, runtime_status
 from segnext_backend.settings import Settings, SettingsError
@@ -38,6 +39,8 @@ def configure_logging(level: str) -> None:
         format="[%(asctime)s] [%(levelname)s] [%(name)s] %(message)s",
         stream=sys.stderr,
     )
+    # Task ids, labels, URLs and error messages come from requests: a newline in one must not start a line.
+    escape_request_text(logging.getLogger())
 
 
 def create_app(settings: Settings):

@@ -10,6 +10,7 @@ import sys
 
 import _wsgi
 from segnext_backend.exposure import check_exposure
+from segnext_backend.logs import escape_request_text
 from segnext_backend.model_files import retry_failed_downloads
 from segnext_backend.runtime import prepare_model_files, stop_background_work
 from segnext_backend.settings import Settings, SettingsError
@@ -32,6 +33,8 @@ accesslog = "-"
 
 def on_starting(server):
     _wsgi.configure_logging(_settings.log_level)
+    # gunicorn's own lines carry request text too: the access log's basic-auth user name, say.
+    escape_request_text(server.log.error_log, server.log.access_log)
     try:  # the addresses gunicorn will listen on: `--bind` on the command line overrides HOST and PORT
         check_exposure(_settings, list(server.cfg.bind))
     except SettingsError as error:

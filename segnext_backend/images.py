@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -56,7 +57,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from .addresses import is_public
 from .budgets import PixelBudget
 from .caches import LruCache
-from .errors import ImageTooLargeError, ImageUnavailableError, RequestError
+from .errors import ImageTooLargeError, ImageUnavailableError, RequestError, TooLargeError
 from .settings import redact_url
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,10 @@ class ImageFetchConfig:
     # Decode JPEGs at a reduced size (Pillow's draft: DCT scaling by 1/2, 1/4 or 1/8, never below 1024 px):
     # several times faster for large photos, but the encoder then sees another input than upstream's.
     fast_jpeg_decode: bool = False
+    # Longer image references (URL, path, cloud URI) are refused: each is kept while its place is remembered.
+    max_reference_length: int = 16384
+    # Memory for what was found at which place (`ImageSource.current`), least recently used out first.
+    places_memory_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,14 @@ class _Checked:
     checked_at: float
 
 
-_MAX_PLACES_REMEMBERED = 100_000  # place -> content entries (~300 bytes each)
+_PLACE_OVERHEAD_BYTES = 600  # one remembered place's objects besides its strings (measured: 580 on CPython 3.11)
+
+
+def _place_bytes(ref: "ImageRef", checked: "_Checked") -> int:
+    """What remembering one place costs: its reference and the validators the host sent (headers of up
+    to 64 KB each) are the parts a request or a host chooses."""
+    strings = [ref.location, *checked.validators.values()]
+    return _PLACE_OVERHEAD_BYTES + sum(sys.getsizeof(value) for value in strings)
 
 
 def task_id_for_presign(task_id) -> int:
@@ -420,6 +432,7 @@ class ImageSource:
         self.downloads: LruCache[str, bytes] = LruCache(config.download_cache_bytes, len)  # by SHA-256
         self.decode_budget = PixelBudget(config.decode_pixel_budget)
         self._checked: OrderedDict[ImageRef, _Checked] = OrderedDict()  # place -> content, least recent first
+        self._checked_bytes = 0  # _place_bytes summed over _checked, at most config.places_memory_bytes
         self._checking: dict[ImageRef, Future] = {}
         self._lock = threading.Lock()
         # Bytes just fetched that the download cache could not keep (over its budget), for the same thread's
@@ -433,6 +446,11 @@ class ImageSource:
         if not isinstance(image_ref, str) or not image_ref.strip():
             raise RequestError("the task's image field is empty or not a string")
         image_ref = image_ref.strip()
+        if len(image_ref) > self.config.max_reference_length:
+            raise TooLargeError(
+                f"the task's image reference is {len(image_ref)} characters long, over the limit of "
+                f"{self.config.max_reference_length} (MAX_IMAGE_URL_LENGTH)"
+            )
         scheme = urlsplit(image_ref).scheme.lower()
         if scheme in CLOUD_SCHEMES:
             self._require_label_studio(image_ref)
@@ -535,11 +553,19 @@ class ImageSource:
             if known is not None and known.version != version:
                 logger.info("the image at %s changed: its new content is %s", ref, version)
         with self._lock:
-            self._checked[ref] = checked
-            self._checked.move_to_end(ref)
-            while len(self._checked) > _MAX_PLACES_REMEMBERED:
-                self._checked.popitem(last=False)
+            self._forget_locked(ref)
+            size = _place_bytes(ref, checked)
+            if size <= self.config.places_memory_bytes:
+                self._checked[ref] = checked
+                self._checked_bytes += size
+            while self._checked_bytes > self.config.places_memory_bytes:
+                self._forget_locked(next(iter(self._checked)))
         return checked.version
+
+    def _forget_locked(self, ref: ImageRef) -> None:
+        forgotten = self._checked.pop(ref, None)
+        if forgotten is not None:
+            self._checked_bytes -= _place_bytes(ref, forgotten)
 
     def bytes_of(self, version: ImageVersion) -> bytes:
         """The bytes of this content: from the download cache, or fetched again from where it was seen."""
@@ -551,7 +577,7 @@ class ImageSource:
             data, _ = self._fetch_uncached(version.ref, {})
             if hashlib.sha256(data).hexdigest() != version.sha256:
                 with self._lock:
-                    self._checked.pop(version.ref, None)  # the next use looks again
+                    self._forget_locked(version.ref)  # the next use looks again
                 raise ImageUnavailableError(f"the image at {version.ref} changed while it was being read: click again")
             return data
 

@@ -18,6 +18,7 @@ good one.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -27,7 +28,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import requests
 from tqdm import tqdm
@@ -48,6 +49,20 @@ _CHUNK_SIZE = 1024 * 1024
 # Temporary files end in ".partial" so a leftover from a killed process is
 # recognisable at a glance; the leading dot keeps them out of plain `ls`.
 _PARTIAL_SUFFIX = ".partial"
+
+# An ONNX file without external data is one protobuf message, which cannot
+# exceed 2 GiB: a member that declares more is not a model file (a zip bomb,
+# say), and is refused before anything is written.
+MAX_MODEL_FILE_BYTES = 2 * 1024**3
+
+# Room left on the model folder's disk after the model files are written.
+_FREE_SPACE_MARGIN = 16 * 1024 * 1024
+
+# The errors of a full disk (or a full quota): the download may be tried
+# again once there is room, so they are download errors, retried, not a
+# reason to exit (which a supervisor would answer with a restart and the
+# same download, in a loop).
+_NO_ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ModelFilesError(RuntimeError):
@@ -112,6 +127,8 @@ def ensure_model_files(
         model_dir.mkdir(parents=True, exist_ok=True)
         zip_path = _new_partial_file(model_dir, prefix=".download-")
     except OSError as exc:
+        if exc.errno in _NO_ROOM_ERRNOS:
+            raise _no_room_error(model_dir, url, exc) from exc
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
         raise ModelFilesError(_not_writable_message(model_dir, missing, url, exc)) from exc
@@ -192,11 +209,32 @@ def _new_partial_file(model_dir: Path, prefix: str) -> Path:
 
     It lives in ``model_dir`` (not /tmp) so that the final os.replace stays
     on one filesystem and is therefore atomic. A unique name means two
-    processes starting at the same time never write into each other's file.
+    processes starting at the same time never write into each other's file;
+    creating it exclusively (O_EXCL) means it is never a name someone planted
+    beforehand, such as a symlink to a file that would be overwritten.
     """
     fd, name = tempfile.mkstemp(dir=model_dir, prefix=prefix, suffix=_PARTIAL_SUFFIX)
     os.close(fd)
     return Path(name)
+
+
+@contextlib.contextmanager
+def written_atomically(target: Path) -> Iterator[Path]:
+    """Yield a new, uniquely named empty file beside ``target`` to write to;
+    it replaces ``target`` when the block ends without an error, and is
+    removed otherwise. A reader never sees half a file at ``target``.
+    """
+    partial = _new_partial_file(target.parent, prefix=f".{target.name}-")
+    try:
+        yield partial
+        # mkstemp creates the file readable by its owner only; a model file
+        # is read by whoever serves it (another user in a container, say).
+        os.chmod(partial, 0o644)
+        os.replace(partial, target)
+    finally:
+        # After a successful os.replace the partial name no longer exists;
+        # after a failure this removes the half-written file.
+        partial.unlink(missing_ok=True)
 
 
 def _download(url: str, dest: Path, model_dir: Path, *, timeout: float, progress: bool) -> str:
@@ -210,6 +248,7 @@ def _download(url: str, dest: Path, model_dir: Path, *, timeout: float, progress
         # the backend's start-up forever.
         with requests.get(url, stream=True, timeout=(timeout, timeout)) as response:
             response.raise_for_status()
+            _check_room(model_dir, _content_length(response) or 0, f"the download from {url}", url)
             with open(dest, "wb") as out, tqdm(
                 total=_content_length(response),
                 unit="B",
@@ -224,14 +263,39 @@ def _download(url: str, dest: Path, model_dir: Path, *, timeout: float, progress
                     bar.update(len(chunk))
     except requests.RequestException as exc:
         # Covers connection errors, timeouts, HTTP 4xx/5xx and bodies cut
-        # short. (Note: RequestException is an OSError, so a plain OSError
-        # from writing the file, e.g. a full disk, is not caught here and
-        # keeps its own, already clear, message.)
+        # short. (RequestException is an OSError: it must come first.)
         raise ModelDownloadError(
             f"Could not fetch the SegNext model from {url}: {exc}. "
             f"{_manual_install_hint(url, model_dir)}"
         ) from exc
+    except OSError as exc:
+        if exc.errno not in _NO_ROOM_ERRNOS:
+            raise
+        raise _no_room_error(model_dir, url, exc) from exc
     return digest.hexdigest()
+
+
+def _free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def _check_room(model_dir: Path, needed: int, what: str, url: str) -> None:
+    """Refuse, before writing, what would not fit on the model folder's disk."""
+    free = _free_bytes(model_dir)
+    if needed + _FREE_SPACE_MARGIN > free:
+        raise ModelDownloadError(
+            f"{what} needs {needed} bytes, but {model_dir} has {free} bytes free "
+            f"(and {_FREE_SPACE_MARGIN} are kept free): make room there, or "
+            f"{_manual_install_hint(url, model_dir, capitalize=False)}"
+        )
+
+
+def _no_room_error(model_dir: Path, url: str, exc: OSError) -> ModelDownloadError:
+    return ModelDownloadError(
+        f"The disk of {model_dir} is full ({exc.strerror or exc}) while installing "
+        f"the SegNext model from {url}: nothing was installed; make room there, or "
+        f"{_manual_install_hint(url, model_dir, capitalize=False)}"
+    )
 
 
 def _content_length(response: requests.Response) -> int | None:
@@ -253,8 +317,13 @@ def _extract_model_files(zip_path: Path, model_dir: Path, url: str) -> None:
             # Find and vet both members before writing anything, so a bad
             # archive is rejected without leaving half an install behind.
             members = _find_model_members(archive, url, model_dir)
+            _check_member_sizes(members, model_dir, url)
             for name, member in members.items():
                 _extract_member_atomically(archive, member, model_dir / name)
+    except OSError as exc:
+        if exc.errno not in _NO_ROOM_ERRNOS:
+            raise
+        raise _no_room_error(model_dir, url, exc) from exc
     except zipfile.BadZipFile as exc:
         # Typically an HTML error page or a proxy's login page served with
         # status 200 instead of the archive.
@@ -307,6 +376,23 @@ def _find_model_members(
     return {name: found[name] for name in MODEL_FILE_NAMES}
 
 
+def _check_member_sizes(members: dict[str, zipfile.ZipInfo], model_dir: Path, url: str) -> None:
+    """Refuse members from the sizes the archive declares, before writing.
+
+    zipfile never writes more than a member's declared (central directory)
+    size: a member whose data inflates further fails its CRC check. So the
+    declared sizes bound what extracting can write, whatever the data holds.
+    """
+    for name, member in members.items():
+        if member.file_size > MAX_MODEL_FILE_BYTES:
+            raise ModelDownloadError(
+                f"The archive from {url} declares {name} as {member.file_size} bytes, "
+                f"more than an ONNX model file can be ({MAX_MODEL_FILE_BYTES}): refused "
+                f"before writing it. {_manual_install_hint(url, model_dir)}"
+            )
+    _check_room(model_dir, sum(m.file_size for m in members.values()), f"{' and '.join(members)} from {url}", url)
+
+
 def _is_safe_member_path(member_name: str) -> bool:
     """False for absolute paths (POSIX or Windows) and paths with '..'."""
     posix = PurePosixPath(member_name.replace("\\", "/"))
@@ -321,15 +407,9 @@ def _extract_member_atomically(
     archive: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path
 ) -> None:
     """Write one member to ``target`` via a temporary file and os.replace."""
-    partial = _new_partial_file(target.parent, prefix=f".{target.name}-")
-    try:
+    with written_atomically(target) as partial:
         # zipfile checks the member's CRC when it is read to the end and
         # raises BadZipFile on mismatch, so a corrupt member never reaches
         # os.replace.
         with archive.open(member) as source, open(partial, "wb") as out:
             shutil.copyfileobj(source, out, _CHUNK_SIZE)
-        os.replace(partial, target)
-    finally:
-        # After a successful os.replace the partial name no longer exists;
-        # after a failure this removes the half-written file.
-        partial.unlink(missing_ok=True)

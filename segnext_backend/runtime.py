@@ -88,6 +88,7 @@ def build_runtime(settings: Settings, engine: SegNextEngine) -> Runtime:
             download_cache_bytes=settings.download_cache_bytes,
             fast_jpeg_decode=settings.fast_jpeg_decode,
             max_bytes=settings.max_image_bytes,
+            max_reference_length=settings.max_image_url_length,
             max_pixels=settings.max_image_pixels,
             connect_timeout=settings.image_connect_timeout,
             read_timeout=settings.image_read_timeout,

@@ -82,6 +82,9 @@ class Settings:
     max_image_pixels: int = 100_000_000
     # Downloads over this many bytes are refused.
     max_image_bytes: int = 100 * MIB
+    # A task's image reference (URL, path, cloud URI) longer than this many characters is refused: each
+    # place is remembered (for IMAGE_REVALIDATE_SECONDS), in at most 64 MiB over all places.
+    max_image_url_length: int = 16384
     # Bytes of downloaded image files kept, so that an image whose features were evicted is not fetched again.
     download_cache_bytes: int = 256 * MIB
     # Decode large JPEGs at a reduced size (Pillow's draft, never below 1024 px): faster, but not the input
@@ -256,6 +259,7 @@ class Settings:
             ),
             max_image_pixels=number("MAX_IMAGE_PIXELS", defaults.max_image_pixels, int, 1),
             max_image_bytes=number("MAX_IMAGE_BYTES", defaults.max_image_bytes, int, 1),
+            max_image_url_length=number("MAX_IMAGE_URL_LENGTH", defaults.max_image_url_length, int, 1),
             download_cache_bytes=number("DOWNLOAD_CACHE_BYTES", defaults.download_cache_bytes, int, 0),
             fast_jpeg_decode=flag("FAST_JPEG_DECODE", defaults.fast_jpeg_decode),
             image_connect_timeout=number("IMAGE_CONNECT_TIMEOUT", defaults.image_connect_timeout, float, 0.1),

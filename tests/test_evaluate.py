@@ -453,3 +453,115 @@ def test_a_truncated_brush_rle_is_a_clear_error(tmp_path):
     (obj,) = read_label_studio_export(export, tmp_path)
     with pytest.raises(DatasetError, match="task 5 region cut: the brush RLE ends"):
         obj.load()
+
+
+# -- hostile datasets: bounded before anything is built from them --------------------------------------------
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height (8-bit grey) and holds no pixel data: its header is all a check reads."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [12000, 15000])  # over MAX_IMAGE_PIXELS; 15000 is over Pillow's own refusal too
+def test_a_mask_over_the_pixel_limit_exits_2_naming_it(models, tmp_path, side):
+    images, masks = write_folder_dataset(tmp_path / "data")
+    (masks / "b_twin_1.png").write_bytes(png_header_only(side, side))
+    done = run_command("--models", models, "--images", images, "--masks", masks, "--out", tmp_path / "out")
+    assert done.returncode == 2, done.stderr
+    assert str(masks / "b_twin_1.png") in done.stderr and "100000000 (MAX_IMAGE_PIXELS)" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def small_image_export(tmp_path: Path, region: dict) -> tuple[Path, Path]:
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(images / "small.png")
+    export = tmp_path / "export.json"
+    task = {"id": 3, "data": {"image": "/data/upload/1/small.png"}, "annotations": [{"result": [region]}]}
+    export.write_text(json.dumps([task]))
+    return export, images
+
+
+def test_a_region_claiming_a_frame_over_the_pixel_limit_exits_2_before_pycocotools(models, tmp_path):
+    # pycocotools crashed (SIGSEGV) rasterising a polygon in a 60000 x 60000 frame.
+    region = {**ls_result("huge", polygon=[(0, 0), (SIZE, 0), (SIZE, SIZE)]), "original_width": 60000,
+              "original_height": 60000}
+    export, images = small_image_export(tmp_path, region)
+    done = run_command("--models", models, "--ls-export", export, "--images", images, "--out", tmp_path / "out")
+    assert done.returncode == 2, done.stderr
+    assert "task 3 region huge" in done.stderr and "60000x60000" in done.stderr and "MAX_IMAGE_PIXELS" in done.stderr
+
+
+@pytest.mark.parametrize("where", ["ls-export", "coco"])
+def test_a_polygon_far_outside_its_frame_exits_2_before_pycocotools(models, tmp_path, where):
+    # pycocotools allocates per pixel of a polygon's outline: coordinates of 1e12 crash it.
+    if where == "ls-export":
+        region = {**ls_result("far", polygon=[(0, 0), (1e12, 0), (1e12, 1e12)]), "original_width": 64,
+                  "original_height": 48}
+        export, images = small_image_export(tmp_path, region)
+        args = ["--ls-export", export, "--images", images]
+    else:
+        images = tmp_path / "images"
+        images.mkdir()
+        Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(images / "small.png")
+        export = tmp_path / "coco.json"
+        far = [[0, 0, 1e12, 0, 1e12, 1e12]]
+        export.write_text(json.dumps({"images": [{"id": 1, "file_name": "small.png", "width": 64, "height": 48}],
+                                      "annotations": [{"id": 9, "image_id": 1, "segmentation": far}]}))
+        args = ["--coco", export, "--images", images]
+    done = run_command("--models", models, *args, "--out", tmp_path / "out")
+    assert done.returncode == 2, done.stderr
+    assert str(export) in done.stderr and "outline" in done.stderr, done.stderr
+    assert "over the limit of 11200" in done.stderr  # 100 x (64 + 48)
+
+
+def test_a_coco_file_name_outside_the_images_folder_is_never_read(models, tmp_path, clean_env, capsys):
+    images, _ = write_folder_dataset(tmp_path / "data")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.fromarray(SCENES["b_twin"][0]).save(outside / "x.png")  # readable, the declared size: only the path is wrong
+    coco = tmp_path / "coco.json"
+    for file_name in ("../outside/x.png", str(outside / "x.png")):
+        polygon = [c for xy in corners(TWIN_OBJECT) for c in xy]
+        coco.write_text(json.dumps({"images": [{"id": 1, "file_name": file_name, "width": SIZE, "height": SIZE}],
+                                    "annotations": [{"id": 9, "image_id": 1, "segmentation": [polygon]}]}))
+        fails(["--models", models, "--coco", coco, "--images", images, "--out", tmp_path / "o"], capsys,
+              coco, repr(file_name), "only files under --images are read")
+    assert not (tmp_path / "o").exists()
+
+
+def test_names_that_a_spreadsheet_would_read_as_formulas_are_written_as_text(models, tmp_path, clean_env):
+    images, masks = write_folder_dataset(tmp_path / "data")
+    for path in [*images.iterdir(), *masks.iterdir()]:
+        if path.name.startswith("b_twin"):
+            path.rename(path.with_name(path.name.replace("b_twin", "=HYPERLINK(1)")))
+    out = tmp_path / "out"
+    argv = ["--models", str(models), "--images", str(images), "--masks", str(masks), "--out", str(out), "--no-progress"]
+    assert evaluate.main(argv) == 0
+    with open(out / "objects.csv", newline="", encoding="utf-8") as file:
+        names = [row[0] for row in __import__("csv").reader(file)][1:]
+    assert names == ["'=HYPERLINK(1).png", "a_shapes.png", "a_shapes.png", "c_ignore.png"]
+    texts = ("-5", "+1.5", "@x", "-1+cmd", "\tx", "plain")
+    assert [evaluate.spreadsheet_text(t) for t in texts] == ["-5", "+1.5", "'@x", "'-1+cmd", "'\tx", "plain"]
+
+
+@pytest.mark.parametrize(
+    "polygon", [[0, 0, 10**400, 0, 5, 5], [0, 0, "a", 0, 5, 5], [0, 0, 1, 0, 5, 5, 7], [0, 0, float("nan"), 0, 5, 5]]
+)
+def test_a_coco_polygon_that_is_not_finite_pixel_pairs_is_a_clear_error(tmp_path, polygon):
+    from tools.eval_datasets import read_coco
+
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "small.png")
+    coco = tmp_path / "coco.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "small.png", "width": 64, "height": 48}],
+                                "annotations": [{"id": 9, "image_id": 1, "segmentation": [polygon]}]}))
+    with pytest.raises(DatasetError, match="annotation 9: a polygon (is not a list of x, y|has a coordinate that is not)"):
+        read_coco(coco, tmp_path)

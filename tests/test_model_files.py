@@ -378,3 +378,93 @@ def test_errors_a_person_must_fix_and_retry_off_are_raised_at_once(server, model
             lambda: ensure_model_files(model_dir, url, None, timeout=5, progress=False), first_delay=0, max_delay=1, sleep=no_sleep
         )
     assert server.request_count == 1
+
+
+# -- an archive that would fill the disk, and a disk that fills up ---------------------------------------------
+
+
+def zip_declaring(members: dict[str, bytes], declared: dict[str, int]) -> bytes:
+    """A zip archive whose central directory declares other uncompressed sizes for some members."""
+    import struct
+
+    data = bytearray(make_zip(members))
+    position = 0
+    while (position := data.find(b"PK\x01\x02", position)) >= 0:
+        name_length = struct.unpack_from("<H", data, position + 28)[0]
+        name = data[position + 46 : position + 46 + name_length].decode()
+        if name in declared:
+            struct.pack_into("<I", data, position + 24, declared[name])
+        position += 46
+    return bytes(data)
+
+
+def test_an_archive_declaring_more_than_the_free_space_is_refused_before_writing(server, model_dir, monkeypatch):
+    # 464 bytes of download, 40 MB of zeros once inflated: the disk (here: 30 MB free) is never filled.
+    bomb = make_zip({f"{PREFIX}encoder.onnx": bytes(40_000_000), f"{PREFIX}decoder.onnx": b"d"})
+    url = server.serve("/bomb.dtmodel", bomb)
+    written = []
+    real_copy = model_files.shutil.copyfileobj
+    monkeypatch.setattr(model_files, "_free_bytes", lambda folder: 30_000_000)
+    monkeypatch.setattr(model_files.shutil, "copyfileobj", lambda *a: written.append(a[1].name) or real_copy(*a))
+    with pytest.raises(ModelDownloadError, match=r"needs 40000001 bytes, but .* has 30000000 bytes free"):
+        ensure_model_files(model_dir, url, None, progress=False)
+    assert written == [] and dir_listing(model_dir) == []
+
+
+def test_a_member_declaring_more_than_an_onnx_file_can_hold_is_refused(server, model_dir):
+    encoder = f"{PREFIX}encoder.onnx"
+    url = server.serve("/big.dtmodel", zip_declaring({encoder: ENCODER_BYTES, f"{PREFIX}decoder.onnx": DECODER_BYTES},
+                                                       {encoder: model_files.MAX_MODEL_FILE_BYTES + 1}))
+    with pytest.raises(ModelDownloadError, match="declares encoder.onnx as 2147483649 bytes"):
+        ensure_model_files(model_dir, url, None, progress=False)
+    assert dir_listing(model_dir) == []
+
+
+def test_a_member_inflating_past_its_declared_size_writes_no_more_than_declared(server, model_dir):
+    # What bounds the writing is the declared size: zipfile stops there (and the CRC then fails).
+    encoder = f"{PREFIX}encoder.onnx"
+    liar = zip_declaring({encoder: bytes(5_000_000), f"{PREFIX}decoder.onnx": DECODER_BYTES}, {encoder: 1000})
+    url = server.serve("/liar.dtmodel", liar)
+    with pytest.raises(ModelDownloadError, match="not a valid zip archive"):
+        ensure_model_files(model_dir, url, None, progress=False)
+    assert dir_listing(model_dir) == []
+
+
+def test_a_download_larger_than_the_free_space_is_refused_before_writing(server, model_dir, monkeypatch):
+    url = server.serve("/model.dtmodel", GOOD_ZIP)
+    monkeypatch.setattr(model_files, "_free_bytes", lambda folder: 1000)
+    with pytest.raises(ModelDownloadError, match=f"the download from {url} needs {len(GOOD_ZIP)} bytes"):
+        ensure_model_files(model_dir, url, None, progress=False)
+    assert dir_listing(model_dir) == []
+
+
+@pytest.mark.parametrize("full_at", [1, 2], ids=["download", "extract"])
+def test_a_full_disk_is_a_download_error_retried_later_with_nothing_left_behind(server, model_dir, monkeypatch,
+                                                                                 full_at):
+    # gunicorn's master retries download errors (gunicorn.conf.py) and exits on anything else, which Docker's
+    # restart policy answers with a new process and the same download, in a loop.
+    url = server.serve("/model.dtmodel", GOOD_ZIP)
+    opened = []
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_on_a_disk_that_fills(path, mode="r", *args, **kwargs):
+        opened.append(mode)
+        if mode == "wb" and opened.count("wb") == full_at:  # the download's file, then the first member's
+            return FullDisk(path, "wb")
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(model_files, "open", open_on_a_disk_that_fills, raising=False)
+    waits = []
+    retry_failed_downloads(lambda: ensure_model_files(model_dir, url, GOOD_SHA256, progress=False),
+                           first_delay=1, max_delay=1, sleep=lambda s: waits.append(dir_listing(model_dir)))
+    assert waits == [[]]  # one retry, with nothing left behind by the failed attempt
+    assert (model_dir / "encoder.onnx").read_bytes() == ENCODER_BYTES
+    assert (model_dir / "decoder.onnx").read_bytes() == DECODER_BYTES
+
+
+def test_installed_files_are_readable_by_others(server, model_dir):
+    ensure_model_files(model_dir, server.serve("/model.dtmodel", GOOD_ZIP), GOOD_SHA256, progress=False)
+    assert all((model_dir / name).stat().st_mode & 0o777 == 0o644 for name in MODEL_FILE_NAMES)

@@ -400,3 +400,29 @@ def test_float32_outliers_builds_a_servable_pair_and_needs_a_static_recipe(shall
     image = np.random.default_rng(0).random((1, 3, MODEL_SIZE, MODEL_SIZE), dtype=np.float32)
     logits32, logits8 = _logits(encoder, decoder, image), _logits(encoder8, decoder8, image)
     assert np.corrcoef(logits32.ravel(), logits8.ravel())[0, 1] > 0.9
+
+
+def test_a_symlink_planted_at_a_temporary_name_is_never_written_through(shallow_models, tmp_path):
+    # The files are written to unique, exclusively created temporary names beside their targets: a symlink
+    # planted where a fixed temporary name would be is left alone, and so is the file it points to.
+    import onnx
+
+    from tools.quantize import main
+
+    encoder, _ = shallow_models
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("not to be overwritten")
+    planted = [out / f".{role}.onnx.tmp" for role in ("encoder", "decoder")]
+    for link in planted:
+        link.symlink_to(victim)
+    assert main([str(encoder.parent), "--out", str(out), "--recipe", "int8-dynamic"]) == 0
+    assert victim.read_text() == "not to be overwritten"
+    assert all(link.is_symlink() for link in planted)
+    for role in ("encoder", "decoder"):
+        written = out / f"{role}.onnx"
+        assert written.is_file() and not written.is_symlink()
+        onnx.checker.check_model(str(written))
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [".decoder.onnx.tmp", ".encoder.onnx.tmp", "decoder.onnx", "encoder.onnx"]  # nothing left behind

@@ -11,6 +11,12 @@
 Everything that can be checked without decoding the masks (files present, sizes, RLE lengths) is checked
 when the dataset is read, so that bad input fails before any model runs. Masks are decoded when their object
 is evaluated, so a large dataset never sits in memory at once.
+
+A dataset may come from anyone, so what it claims is bounded before anything is built from it: every frame
+(an image, a mask, a region's original_width x original_height) is held to the backend's MAX_IMAGE_PIXELS; a
+polygon's outline to `MAX_OUTLINE_PER_SIDE` times its frame's width + height (pycocotools allocates per
+outline pixel, and crashes on coordinates far outside the frame); a COCO `file_name` must name a file under
+the images folder (no absolute path, no `..`).
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Callable, Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from segnext_backend.settings import Settings
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 MASK_NAME = re.compile(r"^(?P<image>.+)_(?P<object>\d+)\.png$", re.IGNORECASE)
@@ -34,6 +42,10 @@ BRUSH_TYPES = ("brushlabels", "brush")
 POLYGON_TYPES = ("polygonlabels", "polygon")
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # the EXIF orientations that swap width and height
+DEFAULT_MAX_PIXELS = Settings.max_image_pixels  # MAX_IMAGE_PIXELS's default
+# A polygon's outline (the sum of its edges' lengths, in pixels) may be this many times its frame's width +
+# height: far more than any object's outline, and far less than what exhausts pycocotools.
+MAX_OUTLINE_PER_SIDE = 100
 
 
 class DatasetError(Exception):
@@ -69,15 +81,56 @@ class DatasetObject:
     load: Callable[[], GroundTruth]
 
 
+# -- limits -----------------------------------------------------------------------------------------------
+
+
+def check_frame(width: int, height: int, max_pixels: int, where) -> None:
+    if width * height > max_pixels:
+        raise DatasetError(
+            f"{where} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} (MAX_IMAGE_PIXELS)"
+        )
+
+
+def check_outline(flat: Sequence[float], width: int, height: int, where: str) -> None:
+    """A polygon [x0, y0, x1, y1, ...] in pixels whose outline its frame can hold (see the module docstring)."""
+    try:
+        points = np.asarray(flat, dtype=np.float64).reshape(-1, 2)
+    except (TypeError, ValueError, OverflowError) as error:  # not numbers, an odd count, beyond a float
+        raise DatasetError(f"{where}: a polygon is not a list of x, y pixel coordinates ({error})") from None
+    if not np.isfinite(points).all():
+        raise DatasetError(f"{where}: a polygon has a coordinate that is not a finite number")
+    outline = float(np.abs(np.diff(points, axis=0, append=points[:1])).max(axis=1).sum())
+    limit = MAX_OUTLINE_PER_SIDE * (width + height)
+    if outline > limit:
+        raise DatasetError(
+            f"{where}: a polygon's outline is {outline:.6g} pixels long, over the limit of {limit} "
+            f"({MAX_OUTLINE_PER_SIDE} x (width + height) of its {width}x{height} frame): "
+            "its points lie far outside the frame"
+        )
+
+
+def _is_inside_folder(file_name: str) -> bool:
+    """A relative path without '..': joined to a folder, it names something under it."""
+    posix = PurePosixPath(file_name.replace("\\", "/"))
+    drive = PureWindowsPath(file_name).drive
+    return bool(file_name) and not posix.is_absolute() and ".." not in posix.parts and not drive
+
+
 # -- images on disk ---------------------------------------------------------------------------------------
 
 
-def displayed_size(path: Path) -> tuple[int, int]:
-    """(width, height) of an image file as shown, after its EXIF orientation, read from its header."""
+def displayed_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of an image file as shown, after its EXIF orientation, read from its header; at most
+    `max_pixels`."""
     try:
         with Image.open(path) as image:
             width, height = image.size
+            check_frame(width, height, max_pixels, path)  # before the EXIF, which may read further
             orientation = image.getexif().get(_EXIF_ORIENTATION)
+    except Image.DecompressionBombError as error:
+        raise DatasetError(
+            f"{path} has more pixels than the limit of {max_pixels} (MAX_IMAGE_PIXELS): {error}"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DatasetError(f"{path} cannot be read as an image: {error}") from None
     return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
@@ -107,7 +160,7 @@ def _read_mask_png(path: Path) -> GroundTruth:
         with Image.open(path) as image:
             mode = image.mode
             values = np.asarray(image)
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise DatasetError(f"{path} cannot be read as a PNG mask: {error}") from None
     if mode == "1":
         values = values.astype(np.uint8) * OBJECT_VALUE
@@ -121,7 +174,7 @@ def _read_mask_png(path: Path) -> GroundTruth:
     return GroundTruth(object_mask=values == OBJECT_VALUE, ignore_mask=ignore if ignore.any() else None)
 
 
-def read_mask_folder(images_dir: Path, masks_dir: Path) -> list[DatasetObject]:
+def read_mask_folder(images_dir: Path, masks_dir: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[DatasetObject]:
     _require_dir(images_dir, "--images")
     _require_dir(masks_dir, "--masks")
     images = _images_by_stem(images_dir)
@@ -140,9 +193,9 @@ def read_mask_folder(images_dir: Path, masks_dir: Path) -> list[DatasetObject]:
     sizes: dict[Path, tuple[int, int]] = {}
     for _, number, mask_path, image_path in sorted(found, key=lambda item: (item[0], item[1])):
         if image_path not in sizes:
-            sizes[image_path] = displayed_size(image_path)
+            sizes[image_path] = displayed_size(image_path, max_pixels)
         width, height = sizes[image_path]
-        mask_size = displayed_size(mask_path)
+        mask_size = displayed_size(mask_path, max_pixels)
         if mask_size != (width, height):
             raise DatasetError(
                 f"{mask_path} is {mask_size[0]}x{mask_size[1]} but its image {image_path} is {width}x{height} "
@@ -265,10 +318,11 @@ def _chosen_annotation(task: dict) -> dict | None:
     return (marked or annotations or [None])[0]
 
 
-def _frame(region: dict, where: str) -> tuple[int, int]:
+def _frame(region: dict, where: str, max_pixels: int) -> tuple[int, int]:
     width, height = region.get("original_width"), region.get("original_height")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (width, height)):
         raise DatasetError(f"{where} has no original_width/original_height")
+    check_frame(width, height, max_pixels, f"{where}: its frame (original_width x original_height)")
     return width, height
 
 
@@ -284,7 +338,11 @@ def _brush_loader(rle: list, width: int, height: int, where: str) -> Callable[[]
 
 
 def _polygon_loader(points: list, width: int, height: int, where: str) -> Callable[[], GroundTruth]:
-    flat = [coordinate for x, y in points for coordinate in (x / 100 * width, y / 100 * height)]
+    try:
+        flat = [coordinate for x, y in points for coordinate in (x / 100 * width, y / 100 * height)]
+    except OverflowError:  # a whole number beyond a float
+        raise DatasetError(f"{where}: a polygon has a coordinate that is not a finite number") from None
+    check_outline(flat, width, height, where)
 
     def load() -> GroundTruth:
         return GroundTruth(object_mask=_polygon_mask([flat], width, height), ignore_mask=None)
@@ -292,8 +350,8 @@ def _polygon_loader(points: list, width: int, height: int, where: str) -> Callab
     return load
 
 
-def _region_object(region: dict, where: str) -> tuple[int, int, Callable[[], GroundTruth]]:
-    width, height = _frame(region, where)
+def _region_object(region: dict, where: str, max_pixels: int) -> tuple[int, int, Callable[[], GroundTruth]]:
+    width, height = _frame(region, where, max_pixels)
     value = region.get("value") if isinstance(region.get("value"), dict) else {}
     if region["type"] in BRUSH_TYPES:
         rle = value.get("rle")
@@ -318,7 +376,9 @@ def _region_object(region: dict, where: str) -> tuple[int, int, Callable[[], Gro
     return width, height, _polygon_loader(points, width, height, where)
 
 
-def read_label_studio_export(export_path: Path, images_dir: Path | None, image_field: str | None = None) -> list[DatasetObject]:
+def read_label_studio_export(
+    export_path: Path, images_dir: Path | None, image_field: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[DatasetObject]:
     tasks = _read_json(export_path)
     if not isinstance(tasks, list):
         raise DatasetError(
@@ -354,7 +414,7 @@ def read_label_studio_export(export_path: Path, images_dir: Path | None, image_f
         for index, region in enumerate(regions, start=1):
             region_name = str(region.get("id") or index)
             region_where = f"{where} region {region_name}"
-            width, height, load = _region_object(region, region_where)
+            width, height, load = _region_object(region, region_where, max_pixels)
             objects.append(
                 DatasetObject(
                     image=image_name,
@@ -401,7 +461,7 @@ def _coco_loader(segmentation, width: int, height: int, where: str) -> Callable[
     return load
 
 
-def read_coco(coco_path: Path, images_dir: Path) -> list[DatasetObject]:
+def read_coco(coco_path: Path, images_dir: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[DatasetObject]:
     coco = _read_json(coco_path)
     if not isinstance(coco, dict) or not isinstance(coco.get("images"), list) or not isinstance(coco.get("annotations"), list):
         raise DatasetError(f"{coco_path} is not a COCO annotation file (an object with 'images' and 'annotations' lists)")
@@ -424,10 +484,15 @@ def read_coco(coco_path: Path, images_dir: Path) -> list[DatasetObject]:
     objects = []
     for image_id, image_annotations in by_image.items():
         entry = images[image_id]
+        if not _is_inside_folder(entry["file_name"]):
+            raise DatasetError(
+                f"{coco_path}: image {entry['file_name']!r} (id {image_id}) is not a path under {images_dir} "
+                "(absolute, or with '..'): only files under --images are read"
+            )
         path = images_dir / entry["file_name"]
         if not path.is_file():
             raise DatasetError(f"{coco_path}: image {entry['file_name']!r} (id {image_id}) is not in {images_dir}")
-        width, height = displayed_size(path)
+        width, height = displayed_size(path, max_pixels)
         declared = (entry.get("width"), entry.get("height"))
         if declared != (width, height):
             raise DatasetError(
@@ -443,6 +508,9 @@ def read_coco(coco_path: Path, images_dir: Path) -> list[DatasetObject]:
                     raise DatasetError(f"{where}: its RLE is for size {size}, but image {entry['file_name']!r} is {height}x{width} (height, width)")
             elif not (isinstance(segmentation, list) and segmentation and all(isinstance(p, list) and len(p) >= 6 for p in segmentation)):
                 raise DatasetError(f"{where}: its polygons need at least three points each")
+            else:
+                for polygon in segmentation:
+                    check_outline(polygon, width, height, where)
             objects.append(
                 DatasetObject(
                     image=entry["file_name"],

@@ -71,17 +71,18 @@ class ModelResult:
 # -- the dataset ------------------------------------------------------------------------------------------
 
 
-def read_dataset(args) -> list[DatasetObject]:
+def read_dataset(args, max_pixels: int) -> list[DatasetObject]:
+    """The objects of the dataset the arguments name; every frame at most `max_pixels` (MAX_IMAGE_PIXELS)."""
     if args.masks is not None:
         if args.images is None:
             raise DatasetError("--masks needs --images (the folder of the images the masks belong to)")
-        objects = read_mask_folder(args.images, args.masks)
+        objects = read_mask_folder(args.images, args.masks, max_pixels)
     elif args.coco is not None:
         if args.images is None:
             raise DatasetError("--coco needs --images (the folder that the file names of the COCO file are in)")
-        objects = read_coco(args.coco, args.images)
+        objects = read_coco(args.coco, args.images, max_pixels)
     else:
-        objects = read_label_studio_export(args.ls_export, args.images, args.image_field)
+        objects = read_label_studio_export(args.ls_export, args.images, args.image_field, max_pixels)
     if not objects:
         raise DatasetError(f"{args.masks or args.coco or args.ls_export} holds no objects to evaluate")
     # Every reader lists an image's objects one after another: its features are computed once for them all.
@@ -197,6 +198,17 @@ def evaluate_models(models: Path, objects: list[DatasetObject], base_settings: S
 # -- the outputs ------------------------------------------------------------------------------------------
 
 
+def spreadsheet_text(text: str) -> str:
+    """A CSV cell that a spreadsheet shows as the text it is: one that starts like a formula (=, +, -, @, a tab
+    or a carriage return) gets a leading apostrophe, OWASP's advice against CSV injection; numbers stay."""
+    if text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        try:
+            float(text)
+        except ValueError:
+            return "'" + text
+    return text
+
+
 def write_objects_csv(path: Path, result: ModelResult) -> None:
     with open(path, "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
@@ -207,7 +219,7 @@ def write_objects_csv(path: Path, result: ModelResult) -> None:
         )
         for obj, ious in zip(result.objects, result.ious):
             writer.writerow(
-                [obj.image, obj.name]
+                [spreadsheet_text(obj.image), spreadsheet_text(obj.name)]
                 + [number_of_clicks(ious, t) for t in IOU_THRESHOLDS]
                 + [f"{value:.6f}" for value in ious]
             )
@@ -336,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.exists() and not args.out.is_dir():
             raise EvaluationError(f"--out {args.out} is a file, not a folder")
         settings = Settings.from_env()
-        objects = read_dataset(args)
+        objects = read_dataset(args, settings.max_image_pixels)
         images = len({str(obj.location) for obj in objects})
         print(f"{len(objects)} objects on {images} images, {MAX_CLICKS} clicks each", file=sys.stderr)
         if settings.mask_threshold != 0.49:

@@ -44,7 +44,6 @@ accuracy: rerun it, and an evaluation of NoC/mIoU, on the real model files befor
 from __future__ import annotations
 
 import argparse
-import contextlib
 import resource
 import statistics
 import sys
@@ -58,6 +57,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from segnext_backend.model_files import written_atomically  # noqa: E402
 from tools.onnx_rewrites import (  # noqa: E402
     distribute_concat_convs,
     fold_identity_initializers,
@@ -142,22 +142,10 @@ def calibration_feeds(model_dir: Path, images: list[np.ndarray], threads: int = 
 # -- recipes ----------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _written_atomically(target: Path):
-    """Yield a temporary path beside `target`, renamed to it on success: no reader sees half a model."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        yield tmp
-        tmp.replace(target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _save(model, target: Path) -> None:
     import onnx
 
-    with _written_atomically(target) as tmp:
+    with written_atomically(target) as tmp:
         onnx.save_model(model, str(tmp))
 
 
@@ -357,7 +345,7 @@ def _quantize_static(
     )
     ranges_path = scratch / f"{target.stem}.ranges.json"
     save_tensors_data(ranges, ranges_path)
-    with _written_atomically(target) as tmp:
+    with written_atomically(target) as tmp:
         quantize_static(
             str(prepared),
             str(tmp),
@@ -376,7 +364,7 @@ def _quantize_static(
 def _quantize_dynamic(source: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _written_atomically(target) as tmp:
+    with written_atomically(target) as tmp:
         quantize_dynamic(str(source), str(tmp), op_types_to_quantize=DYNAMIC_OP_TYPES, weight_type=QuantType.QInt8)
 
 
