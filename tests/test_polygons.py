@@ -321,7 +321,8 @@ def test_a_bristly_answer_is_simplified_until_it_fits_max_vertices(caplog):
     with caplog.at_level("INFO", logger="segnext_backend.polygons"):
         bounded = mask_polygons(mask, 1.5, 25, max_vertices=vertices // 10)
     assert 0 < sum(len(p) for p in bounded) <= vertices // 10
-    assert iou(pixel_centre_mask(bounded, *mask.shape[::-1]), mask) > 0.5  # coarser, still the object
+    inside = pixel_centre_mask(bounded, *mask.shape[::-1])
+    assert (inside & mask).sum() > 0.6 * mask.sum()  # coarser (the gaps between bristles filled), still the object
     assert "MAX_POLYGON_VERTICES" in caplog.text
 
 

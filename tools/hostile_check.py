@@ -13,7 +13,7 @@ sent while the annotator clicks. Prints, per case, what came back and the honest
 Exit status 1 if any case got another answer than expected, an honest click failed or got a wrong mask.
 
 Shortened for a run of a few minutes: IMAGE_DOWNLOAD_TIMEOUT=10 (default 120), IMAGE_REVALIDATE_SECONDS=5
-(default 60), DECODE_PIXEL_BUDGET=30000000 (default 100000000).
+(default 60), DECODE_PIXEL_BUDGET=30000000 (default 100000000), MAX_POLYGON_VERTICES=2000 (default 20000).
 """
 
 from __future__ import annotations
@@ -61,6 +61,14 @@ def mirrored(scene: Scene) -> Scene:
 
 def enlarged_array(array: np.ndarray, factor: int) -> np.ndarray:
     return np.repeat(np.repeat(array, factor, axis=0), factor, axis=1)
+
+
+def checkerboard(size: int) -> np.ndarray:
+    """Red and blue pixels alternating: the test decoder answers every red one, a mask with a corner or a run
+    end at every model pixel."""
+    pixels = np.full((size, size, 3), (30, 30, 200), np.uint8)
+    pixels[(np.add.outer(np.arange(size), np.arange(size)) % 2) == 0] = (200, 30, 30)
+    return pixels
 
 
 def enlarged(scene: Scene, factor: int) -> bytes:
@@ -243,6 +251,7 @@ def main(argv=None) -> int:
     big = [make_scene(600, 400, seed=20 + i) for i in range(3)]
     for i, scene in enumerate(big):
         stand_in.files[f"/data/upload/1/big{i}.png"] = enlarged(scene, 10)  # 6000x4000 = 24 MP each
+    stand_in.files["/data/upload/1/checkerboard.png"] = encode_png(checkerboard(1024))
     stand_in.url, httpd = start_server(stand_in.handler())
 
     workdir = Path(tempfile.mkdtemp(prefix="segnext-hostile-"))
@@ -262,6 +271,7 @@ def main(argv=None) -> int:
         "IMAGE_DOWNLOAD_TIMEOUT": "10",
         "IMAGE_REVALIDATE_SECONDS": "5",
         "DECODE_PIXEL_BUDGET": "30000000",
+        "MAX_POLYGON_VERTICES": "2000",
         "PORT": str(port),
         "WORKERS": "1",
         "THREADS": "8",
@@ -430,6 +440,38 @@ def main(argv=None) -> int:
             r = post(predict_body("http://192.0.0.8/x.png", [click_on(small, 0)]))
             return refused(r, 400, "ALLOW_PRIVATE_IMAGE_HOSTS"), status_and_error(r)
 
+        def case_thin_frames():
+            answers, seconds = [None] * 2, [0.0] * 2
+            x, y = small.inside_point(0)
+
+            def one(i, width, height):
+                started = time.monotonic()
+                answers[i] = post(predict_body("/data/upload/1/small.png", [keypoint(100 * x / 400, 100 * y / 300, width, height)], task_id=400 + i))
+                seconds[i] = time.monotonic() - started
+
+            threads = [threading.Thread(target=one, args=(0, 1, 100_000_000)), threading.Thread(target=one, args=(1, 100_000_000, 1))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            ok = all(a.status_code == 200 and a.json()["results"][0]["result"] for a in answers)
+            return ok, f"1 x 100,000,000 and 100,000,000 x 1 at once: {answers[0].status_code} in {seconds[0]:.1f} s, {answers[1].status_code} in {seconds[1]:.1f} s (masks answered)"
+
+        def case_unbounded_answer():
+            x_pct, y_pct = 100 * 0.5 / 1024, 100 * 0.5 / 1024  # a red pixel
+            brush = post(predict_body("/data/upload/1/checkerboard.png", [keypoint(x_pct, y_pct, 10000, 10000)], task_id=410))
+            body = predict_body("/data/upload/1/checkerboard.png", [keypoint(x_pct, y_pct, 10000, 10000)], task_id=411)
+            body["label_config"] = body["label_config"].replace("BrushLabels", "PolygonLabels")
+            started = time.monotonic()
+            polygons = post(body)
+            polygon_seconds = time.monotonic() - started
+            vertices = sum(len(r["value"]["points"]) for r in polygons.json()["results"][0]["result"]) if polygons.status_code == 200 else None
+            ok = refused(brush, 422, "MAX_BRUSH_RLE_BYTES") and (
+                (vertices is not None and 0 < vertices <= 2000) or refused(polygons, 422, "MAX_POLYGON_VERTICES")
+            )
+            return ok, (f"brush: {status_and_error(brush)}; polygons: {polygons.status_code}, {vertices} vertices "
+                        f"(MAX_POLYGON_VERTICES=2000) in {polygon_seconds:.1f} s")
+
         honest = Honest(url, honest_scenes)
         clicker = threading.Thread(target=honest.run)
         clicker.start()
@@ -535,7 +577,7 @@ def main(argv=None) -> int:
                         f"encoded the image itself: {metrics['encoder_runs'] == 1}, features reused: {reused}")
 
         cases = [case_1, case_2, case_3, case_4, case_5, case_6, case_7, case_8, case_9, case_10, case_11, case_12, case_13, case_14, case_15]
-        round_two = {"2.6": case_r2_6, "2.7": case_r2_7, "2.9": case_r2_9, "2.11": case_r2_11, "2.12": case_r2_12}
+        round_two = {"2.2": case_thin_frames, "2.3": case_unbounded_answer, "2.6": case_r2_6, "2.7": case_r2_7, "2.9": case_r2_9, "2.11": case_r2_11, "2.12": case_r2_12}
         for number, case in enumerate(cases, start=1):
             started = time.monotonic()
             ok, what = case()
