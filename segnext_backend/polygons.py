@@ -174,7 +174,9 @@ def mask_polygons(
 
     `max_vertices`: the most vertices answered, all polygons together. An answer with more (a bristly or
     speckled mask: one of 431,200 vertices was seen) is simplified further, the tolerance doubled (from at
-    least 1 px) until it fits, and that is logged; one that cannot fit even so raises AnswerTooLargeError.
+    least 1 px) until it fits, and that is logged; one that cannot fit even so raises AnswerTooLargeError,
+    and so does, before it is traced, a mask whose outline has more than TRACED_CORNERS_PER_VERTEX corners per
+    vertex allowed.
     """
     box = bounding_box(mask)
     if box is None:

@@ -154,7 +154,8 @@ class Settings:
     # times that as JSON); a mask over it gets a 422 naming this setting. Real objects take a few kilobytes.
     max_brush_rle_bytes: int = 4 * MIB
     # The most polygon vertices one answer may have, all its polygons together: a bristly mask's outline is
-    # simplified further (POLYGON_TOLERANCE doubled until it fits), or refused with a 422 if it cannot fit.
+    # simplified further (POLYGON_TOLERANCE doubled until it fits), or refused with a 422 if it cannot fit
+    # (before tracing, if its outline has more than 50 corners per vertex allowed).
     max_polygon_vertices: int = 20_000
     # Frame pixels whose masks are made and answered (resize, threshold, RLE, polygons) at once over all
     # requests, a few bytes per pixel each; larger ones wait their turn.
