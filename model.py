@@ -26,7 +26,7 @@ from label_config import (
     require_answerable_config,
     require_interactive_config,
 )
-from segnext_backend.errors import RequestError, TooLargeError
+from segnext_backend.errors import AnswerTooLargeError, RequestError, TooLargeError
 from segnext_backend.limits import check_frame_size
 from segnext_backend.masks import mask_to_rle
 from segnext_backend.runtime import (
@@ -254,7 +254,13 @@ class SegNextBackend(LabelStudioMLBase):
             prediction.timings.decoder_ms,
             prediction.timings.postprocess_ms,
         )
-        return [self._answer(runtime, obj, target, prediction.object_mask)]
+        try:
+            return [self._answer(runtime, obj, target, prediction.object_mask)]
+        except AnswerTooLargeError:
+            runtime.segmenter.forget(prediction)  # nothing is kept from a refused answer
+            raise
+        finally:
+            prediction.release()  # the mask's pixels back to MASK_PIXEL_BUDGET
 
     @staticmethod
     def _image_ref(task: dict, data_field: str) -> str:
@@ -289,12 +295,14 @@ class SegNextBackend(LabelStudioMLBase):
         label = {target.region_type: [obj.label]}
         if target.region_type == "polygonlabels":
             settings = runtime.settings
-            polygons = mask_polygons(object_mask.mask, settings.polygon_tolerance, settings.polygon_min_area)
+            polygons = mask_polygons(
+                object_mask.mask, settings.polygon_tolerance, settings.polygon_min_area, settings.max_polygon_vertices
+            )
             values = [{"points": to_percent(p, width, height), "closed": True, **label} for p in polygons]
         elif target.region_type == "rectanglelabels":
             values = [{**box_to_percent(bounding_box(object_mask.mask), width, height), **label}]
         else:
-            values = [{"format": "rle", "rle": mask_to_rle(object_mask.mask), **label}]
+            values = [{"format": "rle", "rle": mask_to_rle(object_mask.mask, runtime.settings.max_brush_rle_bytes), **label}]
         regions = [
             {
                 "id": uuid.uuid4().hex[:10],

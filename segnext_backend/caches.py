@@ -97,6 +97,13 @@ class LruCache(Generic[K, V]):
         future.set_result(value)
         return value
 
+    def discard(self, key: K) -> None:
+        """Remove the entry, if there is one."""
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+
     def is_pending(self, key: K) -> bool:
         with self._lock:
             return key in self._pending

@@ -27,6 +27,13 @@ class ImageTooLargeError(TooLargeError):
     pass
 
 
+class AnswerTooLargeError(RequestError):
+    """The answer to a sound request would be over a size limit (a speckled mask's brush RLE, say); the
+    message names the setting that raises it."""
+
+    http_status = 422
+
+
 class NotReadyError(RequestError):
     """The models are not loaded (yet, or because loading failed)."""
 

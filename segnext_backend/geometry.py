@@ -26,15 +26,21 @@ import numpy as np
 MODEL_SIZE = 1024
 
 
-def _source_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each output index: the two source indices to blend and the weight of the second one.
+def _source_taps(
+    in_size: int, out_size: int, indices: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each output index (`indices`, or all `out_size` of them): the two source indices to blend and the
+    weight of the second one.
 
     The source position is computed as torch's CPU kernel computes it, so that the weights are torch's
     (bit for bit on the CPUs this was tested on): in float32, `scale * (i + 0.5) - 0.5` with scale = in / out,
     the multiply and the subtraction fused (one rounding); half-pixel centres, negative positions clamped to 0.
+    Each index's taps depend on that index alone, so the taps of a part of the output are those of the whole.
     """
     scale = np.float32(in_size) / np.float32(out_size)
-    centres = np.arange(out_size, dtype=np.float32) + np.float32(0.5)
+    if indices is None:
+        indices = np.arange(out_size)
+    centres = indices.astype(np.float32) + np.float32(0.5)
     # A float32 product is exact in float64, so rounding (product - 0.5) once to float32 is the fused result.
     source = np.maximum((np.float64(scale) * centres - 0.5).astype(np.float32), np.float32(0.0))
     first = np.minimum(source.astype(np.intp), in_size - 1)  # truncation: the positions are >= 0
@@ -80,50 +86,68 @@ def bilinear_resize(array: np.ndarray, out_height: int, out_width: int) -> np.nd
     return _resize_axis(_resize_axis(array, out_width, 1), out_height, 0)
 
 
+# Output pixels resized at once by `bilinear_resize_above` (about a megabyte of float32): a frame of any shape
+# is made in pieces of this size, so its memory and time per pixel do not depend on its aspect ratio.
+TILE_PIXELS = 1 << 18
+
+
 def bilinear_resize_above(
-    array: np.ndarray, out_height: int, out_width: int, threshold: float, *, block_rows: int = 64
+    array: np.ndarray, out_height: int, out_width: int, threshold: float, *, tile_pixels: int = TILE_PIXELS
 ) -> np.ndarray:
     """`bilinear_resize(array, ...) > threshold` for a 2-D array, bit for bit, without the full-size floats.
 
     The same passes in the same order with the same float32 arithmetic as `bilinear_resize` (so the same
-    values reach the comparison), but the output is made a band of rows at a time and compared at once:
-    a 12 MP mask never exists as 48 MB of float32, and each band stays in the CPU cache.
+    values reach the comparison), but the output is made a tile at a time (a band of rows, or a part of one
+    row) and compared at once: a 12 MP mask never exists as 48 MB of float32, each tile stays in the CPU
+    cache, and the taps are computed for a tile's own rows and columns. So a 1 x 100,000,000 frame costs what
+    a 10,000 x 10,000 one does: neither whole-side taps (24 bytes per index) nor a Python loop per few rows.
     """
     if array.ndim != 2:
         raise ValueError(f"expected a 2-D array, got shape {array.shape}")
     height, width = array.shape
     out = np.empty((out_height, out_width), dtype=bool)
     threshold = np.float32(threshold)
+    # Rows pass then columns pass when rows shrink most, else columns then rows; either way per band of output
+    # rows (each row's values depend on its own taps only), and the second pass a tile of columns at a time.
     rows_first = out_height / height <= out_width / width
-    first, second, weight = _source_taps(height, out_height)
-    if rows_first:
-        # Rows pass then columns pass, per band of output rows (each row's values depend on its own taps only).
-        source = array
-    else:
-        # Columns pass on the whole (small) source first, then the rows pass per band.
-        source = _resize_axis(array, out_width, 1)
+    tile_columns = min(out_width, tile_pixels)
+    # A band holds `band_rows` rows of the first pass (`width` or out_width wide) and of the output (made
+    # `tile_columns` at a time).
+    band_rows = max(1, tile_pixels // max(width if rows_first else out_width, tile_columns))
+    # Columns first: out_width < out_height, so these taps are no larger than one output column's.
+    column_taps = _source_taps(width, out_width) if tile_columns == out_width or not rows_first else None
     # Bilinear weights are in [0, 1], so each output value lies between the smallest and the largest source
     # value it blends (up to a few float32 roundings, far inside `margin`): a band whose source rows are all
     # clearly below (above) the threshold is all False (True) without resizing it. A real mask is mostly
     # such bands.
-    finite = np.isfinite(source).all()
-    row_min, row_max = source.min(axis=1), source.max(axis=1)
-    margin = np.float32(1e-4) * (np.float32(np.abs(source).max(initial=0.0)) + abs(threshold)) if finite else None
-    for start in range(0, out_height, block_rows):
-        stop = min(start + block_rows, out_height)
+    finite = np.isfinite(array).all()
+    row_min, row_max = array.min(axis=1), array.max(axis=1)
+    margin = np.float32(1e-4) * (np.float32(np.abs(array).max(initial=0.0)) + abs(threshold)) if finite else None
+    for start in range(0, out_height, band_rows):
+        stop = min(start + band_rows, out_height)
+        first, second, weight = _source_taps(height, out_height, np.arange(start, stop))
+        low, high = int(first[0]), int(second[-1])  # taps grow with the output index
         if margin is not None:
-            low, high = int(first[start]), int(second[stop - 1])  # taps grow with the output index
             if row_max[low : high + 1].max() < threshold - margin:
                 out[start:stop] = False
                 continue
             if row_min[low : high + 1].min() > threshold + margin:
                 out[start:stop] = True
                 continue
-        # Fancy indexing copies, so blending in place never touches `source`.
-        a = _blend(source[first[start:stop]], source[second[start:stop]], weight[start:stop, None])
+        weight = weight[:, None]
         if rows_first:
-            a = _resize_axis(a, out_width, 1)
-        np.greater(a, threshold, out=out[start:stop])
+            # Fancy indexing copies, so blending in place never touches `array`.
+            band = _blend(array[first], array[second], weight)
+        else:
+            band = _blend_axis(array[low : high + 1], column_taps, 1)  # the columns pass on the rows read here
+            first, second = first - low, second - low
+        for left in range(0, out_width, tile_columns):
+            right = min(left + tile_columns, out_width)
+            if rows_first:
+                values = _blend_axis(band, column_taps or _source_taps(width, out_width, np.arange(left, right)), 1)
+            else:
+                values = _blend(band[first, left:right], band[second, left:right], weight)
+            np.greater(values, threshold, out=out[start:stop, left:right])
     return out
 
 
@@ -151,8 +175,8 @@ def _frame_and_back_taps(frame_size: int) -> tuple:
     """
     back_first, back_second, back_weight = _source_taps(frame_size, MODEL_SIZE)
     needed = np.union1d(back_first, back_second)
-    first, second, weight = _source_taps(MODEL_SIZE, frame_size)
-    to_frame = (first[needed], second[needed], weight[needed])
+    # Only the needed indices' taps: a side of 100,000,000 pixels must not cost its 2.4 GB of taps.
+    to_frame = _source_taps(MODEL_SIZE, frame_size, needed)
     back = (np.searchsorted(needed, back_first), np.searchsorted(needed, back_second), back_weight)
     return to_frame, back
 

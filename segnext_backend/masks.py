@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import AnswerTooLargeError
 from .geometry import ModelFrame
 
 
@@ -60,12 +61,29 @@ _RUN_SIZES = (3, 4, 8, 16)
 _LONGEST_RUN = 2**16
 
 
-def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Run lengths and run values of a 1-D array."""
-    ends = np.flatnonzero(values[1:] != values[:-1])
-    ends = np.append(ends, values.size - 1)
-    lengths = np.diff(ends, prepend=-1)
-    return lengths, values[ends]
+# Pixels of a mask scanned at once for its runs, and runs made into records at once: the RLE of any mask
+# is built with temporaries of a few megabytes, its own size aside.
+_SCAN_PIXELS = 1 << 22
+_RUNS_PER_CHUNK = 1 << 16
+
+
+def _run_count(on: np.ndarray) -> int:
+    """How many runs a 1-D uint8 array of 0/1 has, without a temporary of its size."""
+    changes = 0
+    for start in range(0, on.size - 1, _SCAN_PIXELS):
+        part = on[start : start + _SCAN_PIXELS + 1]
+        changes += int(np.count_nonzero(part[1:] != part[:-1]))
+    return changes + 1
+
+
+def _run_ends(on: np.ndarray) -> np.ndarray:
+    """The index of the last value of each run of a 1-D array (int64), found a part of the array at a time."""
+    ends = []
+    for start in range(0, on.size - 1, _SCAN_PIXELS):
+        part = on[start : start + _SCAN_PIXELS + 1]
+        ends.append(np.flatnonzero(part[1:] != part[:-1]) + start)
+    ends.append(np.array([on.size - 1]))
+    return np.concatenate(ends).astype(np.int64)
 
 
 def _records(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,42 +114,71 @@ def _records(lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.nd
     return code, width
 
 
-def _pack(code: np.ndarray, width: np.ndarray) -> np.ndarray:
-    """The big-endian bit strings of the (code, width) records one after the other, zero-padded as the
-    converter pads (8 - n % 8 bits), as bytes.
+def _pack_into(out: np.ndarray, code: np.ndarray, width: np.ndarray, start_bit: int) -> int:
+    """OR the big-endian bit strings of the (code, width) records, one after the other from `start_bit`, into
+    the bytes `out`; returns the bit after the last record.
 
     Records are at most 27 bits wide, so each one, shifted to its bit offset within its first byte, spans at
-    most five bytes; records never share a bit, so adding the bytes they touch (one bincount) ORs them.
+    most five bytes; records never share a bit, so adding the bytes they touch (one bincount) ORs them, and
+    OR-ing into `out` joins them to the records packed before.
     """
     width = width.astype(np.int64)
-    ends = np.cumsum(width)
-    total_bits = int(ends[-1]) if ends.size else 0
-    n_bytes = (total_bits + 8 - total_bits % 8) // 8
+    ends = start_bit + np.cumsum(width)
     starts = ends - width
     first_byte = starts >> 3
     # The record placed in a 40-bit window whose first bit is bit 0 of its first byte.
     window = code.astype(np.int64) << (40 - (starts & 7) - width)
     index = np.concatenate([first_byte + k for k in range(5)])
     values = np.concatenate([(window >> (8 * (4 - k))) & 0xFF for k in range(5)])
-    keep = index < n_bytes
-    packed = np.bincount(index[keep], weights=values[keep], minlength=n_bytes)
-    return packed.astype(np.uint8)
+    keep = index < out.size
+    low = int(first_byte[0])
+    packed = np.bincount(index[keep] - low, weights=values[keep])
+    out[low : low + packed.size] |= packed.astype(np.uint8)
+    return int(ends[-1])
 
 
-def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """A 2-D mask (bool, or uint8 0/255) -> Label Studio brush RLE, identical to `brush.mask2rle(0/255 mask)`."""
+# The fewest bits a run's record takes: a run of pixels is a run of at least 4 bytes, written as
+# flag + size (3 bits), a length of at least 3 bits and the 8-bit value.
+_MIN_RUN_BITS = 14
+_MAX_RECORD_BITS = 3 + 16 + 8
+
+
+def mask_to_rle(mask: np.ndarray, max_bytes: int | None = None) -> list[int]:
+    """A 2-D mask (bool, or uint8 0/255) -> Label Studio brush RLE, identical to `brush.mask2rle(0/255 mask)`.
+
+    `max_bytes`: the most RLE bytes answered. A mask with too many runs (a speckled or striped mask: a
+    10000 x 10000 checkerboard-like one takes 18 MB, 84 MB as JSON) raises AnswerTooLargeError; the runs are
+    counted first, so such a mask is refused before its RLE is built. Built a chunk of runs at a time,
+    the RLE costs temporaries of a few megabytes besides itself.
+    """
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
     flat = mask.ravel()
     on = flat.view(np.uint8) if flat.dtype == np.bool_ else (flat > 0).view(np.uint8)
-    lengths, values = _runs(on)
-    values = values.astype(np.int64) * 255
-    lengths = lengths * 4  # each pixel is four RGBA bytes with the same value
-    code, width = _records(lengths.astype(np.int64), values)
-
-    header = (
-        [(on.size * 4, 32), (8 - 1, _HEADER_WORDSIZE_BITS)] + [(size - 1, 4) for size in _RUN_SIZES]
-    )
-    header_code = np.array([c for c, _ in header], dtype=np.int64)
-    header_width = np.array([w for _, w in header], dtype=np.int64)
-    return _pack(np.concatenate([header_code, code]), np.concatenate([header_width, width])).tolist()
+    header = [(on.size * 4, 32), (8 - 1, _HEADER_WORDSIZE_BITS)] + [(size - 1, 4) for size in _RUN_SIZES]
+    header_bits = sum(w for _, w in header)
+    if max_bytes is not None:
+        runs = _run_count(on)
+        fewest = (header_bits + _MIN_RUN_BITS * runs) // 8 + 1
+        if fewest > max_bytes:
+            raise AnswerTooLargeError(
+                f"the mask has {runs} runs: its brush RLE would take at least {fewest} bytes, over the limit of "
+                f"{max_bytes} (MAX_BRUSH_RLE_BYTES); raise it, or answer polygons for such a speckled mask"
+            )
+    ends = _run_ends(on)
+    lengths = np.diff(ends, prepend=-1) * 4  # each pixel is four RGBA bytes with the same value
+    values = on[ends].astype(np.int64) * 255
+    # Room for the longest records: each run's first one, and one more per 2**16 bytes of a long run.
+    most_bits = header_bits + _MAX_RECORD_BITS * (ends.size + int(((lengths - 1) // _LONGEST_RUN).sum()))
+    out = np.zeros(most_bits // 8 + 1, dtype=np.uint8)
+    bit = _pack_into(out, np.array([c for c, _ in header], np.int64), np.array([w for _, w in header], np.int64), 0)
+    for start in range(0, ends.size, _RUNS_PER_CHUNK):
+        code, width = _records(lengths[start : start + _RUNS_PER_CHUNK], values[start : start + _RUNS_PER_CHUNK])
+        bit = _pack_into(out, code, width, bit)
+    size = (bit + 8 - bit % 8) // 8  # the converter pads with 8 - n % 8 bits: a whole zero byte when n % 8 == 0
+    if max_bytes is not None and size > max_bytes:
+        raise AnswerTooLargeError(
+            f"the mask's brush RLE takes {size} bytes, over the limit of {max_bytes} (MAX_BRUSH_RLE_BYTES); "
+            "raise it, or answer polygons for such a speckled mask"
+        )
+    return out[:size].tolist()

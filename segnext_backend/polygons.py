@@ -19,10 +19,15 @@ adds nothing.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from .errors import AnswerTooLargeError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,11 @@ def bounding_box(mask: np.ndarray) -> Box | None:
     columns = np.flatnonzero(mask.any(axis=0))
     if columns.size == 0:
         return None
-    rows = np.flatnonzero(mask[:, columns[0] : columns[-1] + 1].any(axis=1))
-    return Box(int(columns[0]), int(rows[0]), int(columns[-1]) + 1, int(rows[-1]) + 1)
+    # The first and the last row from the first and the last pixel in reading order: `any(axis=1)` would take
+    # a step per row (seconds for a frame 1 pixel wide).
+    flat = mask.ravel()
+    first, last = int(np.argmax(flat)), flat.size - 1 - int(np.argmax(flat[::-1]))
+    return Box(int(columns[0]), first // mask.shape[1], int(columns[-1]) + 1, last // mask.shape[1] + 1)
 
 
 def signed_area(points: np.ndarray) -> float:
@@ -97,6 +105,36 @@ MAX_HOLES = 100
 FRAGMENTED_TRANSITIONS = 20_000
 
 
+# A mask whose exact outline has more corners than this many times MAX_POLYGON_VERTICES is not traced: tracing
+# costs about 100 bytes per corner, and a bristly mask (or a frame of 1 x 100,000,000 pixels, read row by row)
+# can have one per pixel.
+TRACED_CORNERS_PER_VERTEX = 50
+# Rows of the mask (times its width) looked at once when counting its corners.
+_SCAN_PIXELS = 1 << 22
+
+
+def outline_corners(mask: np.ndarray) -> int:
+    """How many corners the pixel-edge outlines of a mask have (a pinch between two diagonal pixels counts
+    twice): what tracing it costs. Counted a band of rows at a time, with no temporary of the mask's size.
+
+    At each corner of the pixel grid, the vertical edge above it (a change between its two upper pixels) and
+    the one below differ, or both are there with the diagonal pixels alike (a pinch).
+    """
+    height, width = mask.shape
+    step = max(1, _SCAN_PIXELS // (width + 2))
+    corners = 0
+    for start in range(-1, height, step):  # the grid rows between mask rows start .. start + step and the next
+        count = min(step, height - start)
+        rows = np.zeros((count + 1, width + 2), bool)  # mask rows start .. start + count, blank outside
+        low, high = max(start, 0), min(start + count + 1, height)
+        rows[low - start : high - start, 1:-1] = mask[low:high]
+        edges = rows[:, 1:] != rows[:, :-1]
+        above, below = edges[:-1], edges[1:]
+        pinches = above & below & (rows[:-1, :-1] != rows[1:, :-1])
+        corners += int(np.count_nonzero(above != below)) + 2 * int(np.count_nonzero(pinches))
+    return corners
+
+
 def _largest(areas: np.ndarray, min_area: float, limit: int) -> np.ndarray:
     """A bool array over `areas`: those of at least min_area, at most the `limit` largest."""
     keep = areas >= min_area
@@ -124,24 +162,44 @@ def without_small_pieces(mask: np.ndarray, min_area: float) -> np.ndarray:
     return keep_part[labels][1:-1, 1:-1]
 
 
-def mask_polygons(mask: np.ndarray, tolerance: float, min_area: float) -> list[np.ndarray]:
+def mask_polygons(
+    mask: np.ndarray, tolerance: float, min_area: float, max_vertices: int | None = None
+) -> list[np.ndarray]:
     """One polygon per part of the mask (N x 2 float64 pixel-edge coordinates, x then y), largest first.
 
     Parts whose area (pixels, with the holes that are cut in subtracted) is below `min_area` are left out, and
     holes below it filled; at most MAX_PARTS parts and MAX_HOLES holes, the largest. `tolerance` is
     Douglas-Peucker's in pixels: no vertex of the exact outline is farther than that from the answered one (0:
     the exact outline, every corner of the pixel staircase).
+
+    `max_vertices`: the most vertices answered, all polygons together. An answer with more (a bristly or
+    speckled mask: one of 431,200 vertices was seen) is simplified further, the tolerance doubled (from at
+    least 1 px) until it fits, and that is logged; one that cannot fit even so raises AnswerTooLargeError,
+    and so does, before it is traced, a mask whose outline has more than TRACED_CORNERS_PER_VERTEX corners per
+    vertex allowed.
     """
     box = bounding_box(mask)
     if box is None:
         return []
     crop = mask[box.y0 : box.y1, box.x0 : box.x1]
-    if np.count_nonzero(crop[:, 1:] != crop[:, :-1]) > FRAGMENTED_TRANSITIONS:
-        crop = without_small_pieces(crop, min_area)
+    transitions = np.count_nonzero(crop[:, 1:] != crop[:, :-1])
+    if transitions > FRAGMENTED_TRANSITIONS:
+        crop = without_small_pieces(crop, min_area)  # fewer transitions (and corners), never more
+    # Each corner ends a vertical edge (a transition in a row, or the box's side), so a mask with few of those
+    # needs no count; a thin frame's column has two per row, and few corners.
+    if max_vertices is not None and 2 * (transitions + 2 * crop.shape[0]) > TRACED_CORNERS_PER_VERTEX * max_vertices:
+        corners = outline_corners(crop)
+        if corners > TRACED_CORNERS_PER_VERTEX * max_vertices:
+            raise AnswerTooLargeError(
+                f"the mask's outline has {corners} corners, too many to trace for an answer of at most {max_vertices}"
+                f" vertices (MAX_POLYGON_VERTICES; tracing stops at {TRACED_CORNERS_PER_VERTEX} corners per vertex): "
+                "raise it, or answer a brush for such a bristly mask"
+            )
     # The box is traced scaled up 2x, with a blank border so that OpenCV never meets the frame's edge.
     scaled = np.zeros((2 * crop.shape[0] + 2, 2 * crop.shape[1] + 2), np.uint8)
     scaled[1:-1, 1:-1] = cv2.resize(crop.view(np.uint8), None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
-    contours, hierarchy = cv2.findContours(scaled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
+    # Straight runs as their two ends: what `outline` keeps of them anyway, at a cost by corners, not length.
+    contours, hierarchy = cv2.findContours(scaled, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return []
     offset = np.array([box.x0, box.y0], np.int64)
@@ -162,7 +220,7 @@ def mask_polygons(mask: np.ndarray, tolerance: float, min_area: float) -> list[n
     for _, part, hole in holes[:MAX_HOLES]:
         cut_into.setdefault(part, []).append(hole)
 
-    parts = []
+    parts = []  # (area, outline, holes cut into it)
     for index in np.flatnonzero(links[:, 3] == -1):
         points = outline(index)
         if len(points) < 3:
@@ -171,12 +229,37 @@ def mask_polygons(mask: np.ndarray, tolerance: float, min_area: float) -> list[n
         area = abs(signed_area(points)) - sum(abs(signed_area(hole)) for hole in cut)
         if area < min_area or area <= 0:
             continue
-        polygon = _simplified(points.astype(np.float64), tolerance)
-        for hole in cut:
-            polygon = _with_hole(polygon, _simplified(hole.astype(np.float64), tolerance))
-        parts.append((area, polygon))
+        parts.append((area, points.astype(np.float64), [hole.astype(np.float64) for hole in cut]))
     parts.sort(key=lambda part: -part[0])
-    return [polygon for _, polygon in parts[:MAX_PARTS]]
+    parts = parts[:MAX_PARTS]
+
+    def simplified(tolerance: float) -> list[np.ndarray]:
+        polygons = []
+        for _, points, cut in parts:
+            polygon = _simplified(points, tolerance)
+            for hole in cut:
+                polygon = _with_hole(polygon, _simplified(hole, tolerance))
+            polygons.append(polygon)
+        return polygons
+
+    polygons = simplified(tolerance)
+    answered_tolerance = tolerance
+    # Past the box's diagonal every outline is as simple as Douglas-Peucker makes it (or kept exact, where it
+    # would collapse): doubling further changes nothing.
+    while max_vertices is not None and sum(len(p) for p in polygons) > max_vertices:
+        if answered_tolerance > np.hypot(*crop.shape):
+            raise AnswerTooLargeError(
+                f"the mask's polygons take {sum(len(p) for p in polygons)} vertices even simplified within "
+                f"{answered_tolerance:g} px, over the limit of {max_vertices} (MAX_POLYGON_VERTICES)"
+            )
+        answered_tolerance = max(2.0 * answered_tolerance, 1.0)
+        polygons = simplified(answered_tolerance)
+    if answered_tolerance != tolerance:
+        logger.info(
+            "polygons simplified within %g px instead of %g px to fit MAX_POLYGON_VERTICES=%d",
+            answered_tolerance, tolerance, max_vertices,
+        )
+    return polygons
 
 
 def to_percent(points: np.ndarray, width: int, height: int) -> list[list[float]]:

@@ -126,6 +126,7 @@ def build_runtime(settings: Settings, engine: SegNextEngine) -> Runtime:
         shared_store=shared_store,
         max_decoder_runs=settings.max_decoder_runs_per_request,
         feature_settings={"fast_jpeg_decode": settings.fast_jpeg_decode},
+        mask_pixel_budget=settings.mask_pixel_budget,
     )
     pre_encoder = PreEncoder(
         lambda ref: segmenter.encoded_image(image_source.current(ref)), settings.preencode_queue_length, abort_download

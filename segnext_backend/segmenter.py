@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from .budgets import PixelBudget
 from .caches import LruCache
 from .engine import FEATURE_BYTES, FEATURE_SHAPE, SegNextEngine
 from .errors import RequestError
@@ -91,6 +93,10 @@ class Prediction:
     image_width: int
     image_height: int
     timings: PredictionTimings = field(compare=False)
+    # Gives the mask's pixels back to the mask pixel budget: call it once the answer is built (it runs once;
+    # if it is never called, it runs when the mask is garbage).
+    release: Callable[[], None] = field(default=lambda: None, compare=False, repr=False)
+    state_key: tuple | None = field(default=None, compare=False, repr=False)  # for `forget`
 
 
 class InteractiveSegmenter:
@@ -108,6 +114,7 @@ class InteractiveSegmenter:
         shared_store=None,
         max_decoder_runs: int = 100,
         feature_settings: dict | None = None,
+        mask_pixel_budget: int = 100_000_000,
     ):
         """`load_image(image_key)` returns the image's HxWx3 uint8 RGB pixels (fetching is its business).
 
@@ -125,12 +132,18 @@ class InteractiveSegmenter:
         `feature_settings`: the settings outside the engine that change the features `load_image`'s pixels
         give (e.g. {"fast_jpeg_decode": True}); with the engine's provider and precision they are the
         features' identity, part of their disk and Redis keys.
+
+        `mask_pixel_budget`: frame pixels whose masks are made and answered at once, over all threads. A
+        mask costs one byte per frame pixel, its answer (brush RLE, polygons) a few more for a moment: a click
+        takes its frame's pixels before its mask is made, and `Prediction.release` gives them back. The rest
+        wait, in arrival order; a frame larger than the whole budget runs alone.
         """
         self.engine = engine
         self.load_image = load_image
         self.mask_threshold = mask_threshold
         self.max_clicks = max_clicks
         self.max_decoder_runs = max_decoder_runs
+        self.mask_budget = PixelBudget(mask_pixel_budget)
         self.feature_cache: LruCache[str, EncodedImage] = LruCache(feature_cache_bytes, lambda e: FEATURE_BYTES)
         # (image key, (frame width, frame height), clicks) -> the decoder's logits after those clicks
         self.object_states: LruCache[tuple[str, tuple[int, int], ClickKey], np.ndarray] = LruCache(
@@ -377,7 +390,28 @@ class InteractiveSegmenter:
             self._check_decoder_runs(image_key, frame, click_key)
             image = self.encoded_image(image_key, timings)
             logits = self._object_logits(image, frame, click_key, timings)
-        started = time.perf_counter()
-        object_mask = logits_to_mask(logits, frame, self.mask_threshold)
+        started = time.perf_counter()  # the wait for the mask budget counts: it is part of the click's time
+        taken = self.mask_budget.acquire(frame.width * frame.height)
+        try:
+            object_mask = logits_to_mask(logits, frame, self.mask_threshold)
+        except BaseException:
+            self.mask_budget.release(taken)
+            raise
         timings.postprocess_ms = (time.perf_counter() - started) * 1000
-        return Prediction(object_mask=object_mask, image_width=image.width, image_height=image.height, timings=timings)
+        return Prediction(
+            object_mask=object_mask,
+            image_width=image.width,
+            image_height=image.height,
+            timings=timings,
+            release=weakref.finalize(object_mask.mask, self.mask_budget.release, taken),
+            state_key=(image.key, (frame.width, frame.height), click_key),
+        )
+
+    def forget(self, prediction: Prediction) -> None:
+        """Drop the state a prediction left (in memory and in the shared store): its answer was refused."""
+        if prediction.state_key is None:
+            return
+        self.object_states.discard(prediction.state_key)
+        if self.shared_store is not None:
+            with self._redis_click():
+                self.shared_store.forget_state(prediction.state_key)

@@ -172,6 +172,16 @@ class Settings:
     # Listen beyond loopback with LABEL_STUDIO_API_KEY set and no basic auth: whoever reaches the port then gets
     # Label Studio's images through the key. Off: the backend refuses to start that way.
     allow_open_access: bool = False
+    # The most brush RLE bytes one answer may take (a speckled mask's can take tens of megabytes, several
+    # times that as JSON); a mask over it gets a 422 naming this setting. Real objects take a few kilobytes.
+    max_brush_rle_bytes: int = 4 * MIB
+    # The most polygon vertices one answer may have, all its polygons together: a bristly mask's outline is
+    # simplified further (POLYGON_TOLERANCE doubled until it fits), or refused with a 422 if it cannot fit
+    # (before tracing, if its outline has more than 50 corners per vertex allowed).
+    max_polygon_vertices: int = 20_000
+    # Frame pixels whose masks are made and answered (resize, threshold, RLE, polygons) at once over all
+    # requests, a few bytes per pixel each; larger ones wait their turn.
+    mask_pixel_budget: int = 100_000_000
 
     def __post_init__(self):
         # Half a basic-auth configuration would leave the backend open (or open to any password) without a
@@ -267,6 +277,9 @@ class Settings:
             image_download_timeout=number("IMAGE_DOWNLOAD_TIMEOUT", defaults.image_download_timeout, float, 0.1),
             image_revalidate_seconds=number("IMAGE_REVALIDATE_SECONDS", defaults.image_revalidate_seconds, float, 0.0),
             decode_pixel_budget=number("DECODE_PIXEL_BUDGET", defaults.decode_pixel_budget, int, 1),
+            max_brush_rle_bytes=number("MAX_BRUSH_RLE_BYTES", defaults.max_brush_rle_bytes, int, 1),
+            max_polygon_vertices=number("MAX_POLYGON_VERTICES", defaults.max_polygon_vertices, int, 3),
+            mask_pixel_budget=number("MASK_PIXEL_BUDGET", defaults.mask_pixel_budget, int, 1),
             max_clicks=number("MAX_CLICKS", defaults.max_clicks, int, 1),
             max_decoder_runs_per_request=number(
                 "MAX_DECODER_RUNS_PER_REQUEST", defaults.max_decoder_runs_per_request, int, 1

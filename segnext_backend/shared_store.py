@@ -310,6 +310,9 @@ class SharedStore:
         if self._set(self._key("state", key), value):
             self._count(state_writes=1)
 
+    def forget_state(self, key: Any) -> None:
+        self._call(lambda: self._client.delete(self._key("state", key)))
+
     # -- features, encoded once across the fleet ----------------------------------------------------------
 
     def _load_features(self, name: str) -> tuple[np.ndarray, int, int] | None:

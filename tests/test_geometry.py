@@ -167,7 +167,11 @@ def test_logits_back_to_the_frame_use_half_pixel_centres():
     np.testing.assert_array_equal(same, logits)
 
 
-@pytest.mark.parametrize("width, height", [(640, 480), (4000, 3000), (1024, 1024), (1023, 2049), (7, 5000)])
+# Thin frames: sides past 2**24, where float32 no longer holds every pixel index (torch's positions round too).
+THIN = [(1, 2**24 + 4099), (2**24 + 4099, 1), (3, 5_000_001)]
+
+
+@pytest.mark.parametrize("width, height", [(640, 480), (4000, 3000), (1024, 1024), (1023, 2049), (7, 5000)] + THIN)
 def test_prev_mask_round_trip_is_torchs_resize_sigmoid_resize(width, height):
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
@@ -199,3 +203,51 @@ def test_round_trip_reads_at_most_2048_rows_and_columns_of_the_frame():
 def test_frames_must_have_a_size():
     with pytest.raises(ValueError):
         ModelFrame(0, 10)
+
+
+@pytest.mark.parametrize("width, height", THIN + [(3000, 2000)])
+def test_the_mask_of_a_thin_frame_is_torchs_resize_over_the_threshold(width, height):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(width + 3 * height)
+    yy, xx = np.mgrid[0:MODEL_SIZE, 0:MODEL_SIZE].astype(np.float32)
+    logits = (200.0 - np.hypot(xx - 500, yy - 450)) / 20.0 + rng.normal(scale=0.5, size=xx.shape).astype(np.float32)
+    full = torch.nn.functional.interpolate(
+        torch.from_numpy(logits)[None, None], size=(height, width), mode="bilinear", align_corners=False
+    )[0, 0].numpy()
+    mask = ModelFrame(width, height).logits_to_frame_above(logits, 0.0)
+    assert mask.shape == (height, width) and 0.1 < mask.mean() < 0.9
+    # torch blends the rows and the columns in another order: only values within float rounding of the
+    # threshold may fall on the other side.
+    differ = mask != (full > 0)
+    assert np.abs(full[differ]).max(initial=0.0) < 1e-4
+
+
+@pytest.mark.parametrize("width, height", [(1, 20_000_000), (20_000_000, 1), (4000, 5000)])
+def test_a_frame_costs_memory_and_python_steps_per_pixel_whatever_its_shape(width, height, monkeypatch):
+    """The mask (one byte per pixel) plus a constant, and one step of Python per tile of pixels: a thin
+    frame once cost 24 bytes per pixel of its long side in taps, and a step per 64 rows."""
+    import tracemalloc
+
+    from segnext_backend import geometry
+
+    steps = [0]
+    blend = geometry._blend
+
+    def counted_blend(*args):
+        steps[0] += 1
+        return blend(*args)
+
+    monkeypatch.setattr(geometry, "_blend", counted_blend)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(MODEL_SIZE, MODEL_SIZE)).astype(np.float32)  # no band can be skipped
+    frame = ModelFrame(width, height)
+    tracemalloc.start()
+    try:
+        mask = frame.logits_to_frame_above(logits, 0.0)
+        frame.through_frame(logits, sigmoid)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert mask.shape == (height, width)
+    assert peak < width * height + 64 * 2**20  # the round trip alone holds up to 2048 x 2048 floats, twice
+    assert steps[0] <= 2 * (width * height // geometry.TILE_PIXELS + 1) + 16

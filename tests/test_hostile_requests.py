@@ -26,8 +26,9 @@ from conftest import ROOT, Scene, backend_env, click_on, decode_region, encode_p
 
 import label_config
 from api import basic_credentials_match
+from model import SegNextBackend
 from segnext_backend import images, segmenter as segmenter_module
-from segnext_backend.errors import ImageUnavailableError
+from segnext_backend.errors import AnswerTooLargeError, ImageUnavailableError
 from segnext_backend.runtime import get_runtime
 from segnext_backend.images import ImageFetchConfig, ImageRef, ImageSource
 from segnext_backend.settings import Settings, SettingsError
@@ -626,3 +627,39 @@ def test_sigterm_under_gunicorn_stops_pre_encoding_at_once(tmp_path, image_serve
             process.kill()
         slow.shutdown()
         slow.server_close()
+
+
+# -- answers of bounded size ----------------------------------------------------------------------------------------
+
+
+def striped_scene_path(image_server) -> tuple[str, dict]:
+    """A 1024 x 1024 image of stripes two pixels wide in two colours, and a click on a red one: the test decoder
+    answers every red stripe, a mask of 512 parts and half a million runs."""
+    pixels = np.zeros((1024, 1024, 3), np.uint8)
+    red = (np.arange(1024) // 2) % 2 == 0
+    pixels[:, red] = (200, 30, 30)
+    pixels[:, ~red] = (30, 30, 200)
+    path = image_server.add("/data/upload/1/stripes.png", encode_png(pixels))
+    return path, keypoint(100 * 0.5 / 1024, 50.0, 1024, 1024)
+
+
+@pytest.mark.parametrize(
+    "control, setting, limit", [("BrushLabels", "MAX_BRUSH_RLE_BYTES", 100_000), ("PolygonLabels", "MAX_POLYGON_VERTICES", 5)]
+)
+def test_an_answer_over_its_size_limit_is_422_and_nothing_is_kept_from_it(make_client, image_server, control, setting, limit):
+    client, spy = make_client(**{setting.lower(): limit})
+    path, click = striped_scene_path(image_server)
+    body = predict_body(path, [click])
+    body["label_config"] = body["label_config"].replace("BrushLabels", control)
+    response = client.post("/predict", json=body)
+    assert response.status_code == 422 and setting in response.json["error"], response.json
+    segmenter = get_runtime().segmenter
+    assert len(spy.decodes) == 1 and segmenter.object_states.stats().entries == 0  # the click's state dropped
+    assert segmenter.mask_budget.in_use == 0  # the mask's pixels given back at once
+    # ... not when the refusal is garbage: here its traceback still holds the click's frames (and the mask).
+    backend = SegNextBackend(label_config=body["label_config"])
+    with pytest.raises(AnswerTooLargeError) as refused:
+        backend.predict(body["tasks"], context=body["params"]["context"])
+    assert segmenter.mask_budget.in_use == 0 and refused.value.__traceback__ is not None
+    honest_click_served(client, image_server)
+    assert segmenter.mask_budget.in_use == 0

@@ -101,3 +101,36 @@ def test_empty_mask_scores_zero():
     logits = np.full((1024, 1024), -5.0, np.float32)
     result = logits_to_mask(logits, ModelFrame(640, 480), 0.49)
     assert result.is_empty and result.score == 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.bool_, st.tuples(st.integers(1, 30), st.integers(1, 60))), st.integers(1, 9), st.integers(1, 9))
+def test_rle_built_in_chunks_is_identical_across_chunk_edges(mask, scan_pixels, runs_per_chunk):
+    from segnext_backend import masks
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(masks, "_SCAN_PIXELS", scan_pixels)
+        patch.setattr(masks, "_RUNS_PER_CHUNK", runs_per_chunk)
+        assert mask_to_rle(mask) == library_rle(mask)
+
+
+def test_a_speckled_mask_is_refused_by_its_run_count_before_its_rle_is_built(monkeypatch):
+    from segnext_backend import masks
+    from segnext_backend.errors import AnswerTooLargeError
+
+    stripes = np.zeros((400, 300), bool)
+    stripes[:, ::4] = True  # runs of 1 and 3 pixels: 14- and 15-bit records
+    flat = stripes.ravel()
+    runs = 1 + int(np.count_nonzero(flat[1:] != flat[:-1]))
+    size = len(mask_to_rle(stripes))
+    assert size > (57 + 14 * runs) // 8 + 1  # more than the fewest bytes its runs could take
+    assert mask_to_rle(stripes, max_bytes=size) == library_rle(stripes)  # at the limit: answered
+    built = []
+    monkeypatch.setattr(masks, "_records", lambda *args: built.append(1) or (_ for _ in ()).throw(AssertionError))
+    with pytest.raises(AnswerTooLargeError, match="MAX_BRUSH_RLE_BYTES") as refused:
+        mask_to_rle(stripes, max_bytes=size // 2)
+    assert f"{runs} runs" in str(refused.value) and built == []  # counted, never built
+    monkeypatch.undo()
+    # Between the fewest bytes its runs could take and its real size: built, then refused by its size.
+    with pytest.raises(AnswerTooLargeError, match=f"takes {size} bytes.*MAX_BRUSH_RLE_BYTES"):
+        mask_to_rle(stripes, max_bytes=size - 1)

@@ -29,7 +29,7 @@ def test_resize_above_is_bit_identical_to_resize_then_compare(in_hw, out_hw):
     array = rng.normal(scale=2.0, size=in_hw).astype(np.float32)
     expected = bilinear_resize(array, *out_hw)
     for threshold in (-0.5, 0.0, float(np.median(expected)), float(expected.ravel()[7])):  # ties included
-        got = bilinear_resize_above(array, *out_hw, threshold, block_rows=16)
+        got = bilinear_resize_above(array, *out_hw, threshold, tile_pixels=200)
         np.testing.assert_array_equal(got, expected > np.float32(threshold))
 
 
@@ -39,7 +39,7 @@ def test_bands_skipped_far_from_the_threshold_keep_the_answer_exact(out_hw):
     blob = np.maximum((10.0 - np.hypot(xx - 20, yy - 30)) / 2.0, -8.0).astype(np.float32)  # plateau at -8
     expected = bilinear_resize(blob, *out_hw)
     for threshold in (-8.0, float(np.nextafter(np.float32(-8), np.float32(0))), -7.9999, -0.2, 0.0, 4.9, 5.0, 6.0):
-        got = bilinear_resize_above(blob, *out_hw, threshold, block_rows=8)
+        got = bilinear_resize_above(blob, *out_hw, threshold, tile_pixels=100)
         np.testing.assert_array_equal(got, expected > np.float32(threshold), err_msg=str(threshold))
 
 

@@ -285,3 +285,74 @@ def test_a_label_or_config_the_backend_cannot_answer_is_a_400_naming_them(make_c
     assert "'Thing'" in message and "'image'" in message and "polygonlabels" in message
     assert spy.encodes == 0 and spy.decodes == []
     assert len(regions_of(client, path, [click_on(scene, 0)], POLYGON_CONFIG)) == 1  # the next one is served
+
+
+# -- bounded answers --------------------------------------------------------------------------------------------
+
+
+def comb(teeth: int, length: int = 60) -> np.ndarray:
+    """A spine with `teeth` bristles one pixel wide, one pixel apart, of varying lengths: a bristly mask."""
+    mask = np.zeros((length + 10, 2 * teeth + 4), bool)
+    mask[:6, 2 : 2 * teeth + 2] = True
+    for k in range(teeth):
+        mask[6 : 6 + length - (k * 7) % 23, 2 + 2 * k] = True
+    return mask
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays(np.bool_, st.tuples(st.integers(1, 30), st.integers(1, 30))), st.integers(1, 40))
+def test_outline_corners_are_the_grid_points_where_the_outline_turns(mask, scan_pixels):
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.uint8)
+    padded[1:-1, 1:-1] = mask
+    around = padded[:-1, :-1] + padded[:-1, 1:] + padded[1:, :-1] + padded[1:, 1:]
+    pinch = (around == 2) & (padded[:-1, :-1] == padded[1:, 1:])
+    expected = np.count_nonzero((around == 1) | (around == 3)) + 2 * np.count_nonzero(pinch)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(polygons_module, "_SCAN_PIXELS", scan_pixels)
+        assert polygons_module.outline_corners(mask) == expected
+
+
+def test_a_bristly_answer_is_simplified_until_it_fits_max_vertices(caplog):
+    mask = comb(200)
+    unbounded = mask_polygons(mask, 1.5, 25)
+    vertices = sum(len(p) for p in unbounded)
+    assert vertices > 300
+    assert [p.tolist() for p in mask_polygons(mask, 1.5, 25, max_vertices=vertices)] == [p.tolist() for p in unbounded]
+    with caplog.at_level("INFO", logger="segnext_backend.polygons"):
+        bounded = mask_polygons(mask, 1.5, 25, max_vertices=vertices // 10)
+    assert 0 < sum(len(p) for p in bounded) <= vertices // 10
+    inside = pixel_centre_mask(bounded, *mask.shape[::-1])
+    assert (inside & mask).sum() > 0.6 * mask.sum()  # coarser (the gaps between bristles filled), still the object
+    assert "MAX_POLYGON_VERTICES" in caplog.text
+
+
+def test_a_mask_with_too_many_corners_is_refused_before_it_is_traced(monkeypatch):
+    from segnext_backend.errors import AnswerTooLargeError
+
+    mask = comb(200)
+    corners = polygons_module.outline_corners(mask)
+    limit = corners // polygons_module.TRACED_CORNERS_PER_VERTEX - 1
+    traced = []
+    monkeypatch.setattr(polygons_module.cv2, "findContours", lambda *args: traced.append(1))
+    with pytest.raises(AnswerTooLargeError, match=f"{corners} corners.*MAX_POLYGON_VERTICES"):
+        mask_polygons(mask, 1.5, 25, max_vertices=limit)
+    assert traced == []
+
+
+def test_a_thin_frame_is_traced_at_a_cost_by_corners_not_by_length(monkeypatch):
+    """A 1 x 2,000,000 mask: each straight side is traced as its two ends (point by point, it was millions of
+    points, ~100 bytes each, for a 4-vertex polygon)."""
+    mask = np.zeros((2_000_000, 1), bool)
+    mask[100:1_900_000] = True
+    traced_points = []
+    find_contours = polygons_module.cv2.findContours
+
+    def counting(*args):
+        contours, hierarchy = find_contours(*args)
+        traced_points.append(sum(len(c) for c in contours))
+        return contours, hierarchy
+
+    monkeypatch.setattr(polygons_module.cv2, "findContours", counting)
+    (polygon,) = mask_polygons(mask, 0.0, 25, max_vertices=100)
+    assert sorted(map(tuple, polygon.tolist())) == [(0, 100), (0, 1_900_000), (1, 100), (1, 1_900_000)]
+    assert traced_points[0] <= 16

@@ -196,3 +196,31 @@ def test_truncated_or_missing_model_file_fails_clearly(tmp_path, test_model_path
 
 def test_test_models_are_flagged(spy):
     assert spy.is_test_model and all(info.is_test_model for info in spy.files.values())
+
+
+def test_mask_work_waits_for_the_mask_pixel_budget_and_gives_it_back(spy):
+    import gc
+
+    scene = make_scene(400, 300)
+    segmenter = segmenter_for(spy, {"img": scene}, mask_pixel_budget=400 * 300)
+    first = segmenter.predict("img", clicks_on(scene, (0, True)), 400, 300)
+    assert segmenter.mask_budget.in_use == 400 * 300  # held while the answer is built
+    second_done = threading.Event()
+
+    def second():
+        segmenter.predict("img", clicks_on(scene, (1, True)), 400, 300).release()
+        second_done.set()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    assert not second_done.wait(1.0)  # its mask waits for the first one's pixels
+    first.release()
+    assert second_done.wait(120)
+    thread.join()
+    assert segmenter.mask_budget.in_use == 0
+    # Never released by hand: given back when the mask is garbage.
+    dropped = segmenter.predict("img", clicks_on(scene, (2, True)), 400, 300)
+    assert segmenter.mask_budget.in_use == 400 * 300
+    del dropped
+    gc.collect()
+    assert segmenter.mask_budget.in_use == 0
