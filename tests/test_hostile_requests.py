@@ -28,7 +28,7 @@ import label_config
 from api import basic_credentials_match
 from model import SegNextBackend
 from segnext_backend import images, segmenter as segmenter_module
-from segnext_backend.errors import AnswerTooLargeError, ImageUnavailableError
+from segnext_backend.errors import ImageUnavailableError, RequestError
 from segnext_backend.runtime import get_runtime
 from segnext_backend.images import ImageFetchConfig, ImageRef, ImageSource
 from segnext_backend.settings import Settings, SettingsError
@@ -658,7 +658,7 @@ def test_an_answer_over_its_size_limit_is_422_and_nothing_is_kept_from_it(make_c
     assert segmenter.mask_budget.in_use == 0  # the mask's pixels given back at once
     # ... not when the refusal is garbage: here its traceback still holds the click's frames (and the mask).
     backend = SegNextBackend(label_config=body["label_config"])
-    with pytest.raises(AnswerTooLargeError) as refused:
+    with pytest.raises(RequestError, match=setting) as refused:
         backend.predict(body["tasks"], context=body["params"]["context"])
     assert segmenter.mask_budget.in_use == 0 and refused.value.__traceback__ is not None
     honest_click_served(client, image_server)
