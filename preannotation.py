@@ -44,6 +44,7 @@ from regions import mask_regions
 from segnext_backend.errors import RequestError
 from segnext_backend.limits import check_frame_size
 from segnext_backend.runtime import Runtime
+from segnext_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -255,9 +256,8 @@ class TaskPlan:
         return sum(len(image.points) for image in self.images)
 
 
-def plan_task(task: dict, points: TaskPoints, parsed: dict, runtime: Runtime) -> TaskPlan:
+def plan_task(task: dict, points: TaskPoints, parsed: dict, settings: Settings) -> TaskPlan:
     """Which control answers each point, and which image each is on; raises TaskError for what is wrong."""
-    settings = runtime.settings
     if len(points.points) > settings.max_points_per_task:
         raise TaskError(
             f"{len(points.points)} points in {points.source}, over the limit of {settings.max_points_per_task} "
@@ -371,7 +371,7 @@ def preannotate_tasks(
             points = find_points(task, parsed, runtime.model_version, settings.points_data_field, api)
             if points is None:
                 return TaskOutcome(task, "no points")
-            plan = plan_task(task, points, parsed, runtime)
+            plan = plan_task(task, points, parsed, settings)
             fetch_images(plan, runtime)
             return plan
         except (TaskError, RequestError) as error:
