@@ -80,6 +80,12 @@ def assert_objects(prediction: dict, scene, indices: list[int]) -> None:
     assert prediction["model_version"].startswith("demo") and prediction["score"] > 0
 
 
+def parsed_config(tag: str) -> dict:
+    from label_config import parsed_label_config
+
+    return parsed_label_config(POINTS_CONFIG.format(tag=tag))
+
+
 def answers(response) -> list:
     assert response.status_code == 200, response.json
     return response.json["results"]
@@ -239,8 +245,12 @@ def test_each_tasks_error_is_its_own_answer_and_the_others_get_their_masks(make_
     missing_image = {"id": 25, "data": {"image": "/data/upload/1/gone.png", "points": [{"x": 5, "y": 5, "label": "Thing"}]}}
     malformed, _ = scene_task(image_server, 26)
     malformed["data"]["points"] = "50,50"
+    keypoint_outside, _ = scene_task(image_server, 27)
+    stray = plain_keypoint(scene, 0)
+    stray["value"]["x"] = 150.0
+    keypoint_outside["annotations"] = [annotation([stray])]
 
-    results = answers(client.post("/predict", json=batch_body([good, outside, pixels_outside, unknown, too_many, missing_image, malformed])))
+    results = answers(client.post("/predict", json=batch_body([good, outside, pixels_outside, unknown, too_many, missing_image, malformed, keypoint_outside])))
     assert_objects(results[0], scene, [2])
     errors = [r.get("error", "") for r in results[1:]]
     assert all("result" not in r for r in results[1:])  # Label Studio logs these and stores nothing
@@ -250,6 +260,7 @@ def test_each_tasks_error_is_its_own_answer_and_the_others_get_their_masks(make_
     assert "4 points" in errors[3] and "MAX_POINTS_PER_TASK" in errors[3]
     assert "task 25" in errors[4] and "HTTP 404" in errors[4]
     assert "data.points must be a list" in errors[5]
+    assert "task 27" in errors[6] and "annotation 1: keypoint 0 (150%" in errors[6] and "outside the image" in errors[6]
 
 
 def test_a_batch_stops_starting_tasks_after_its_time_and_says_how_to_continue(make_client, image_server):
@@ -257,8 +268,29 @@ def test_a_batch_stops_starting_tasks_after_its_time_and_says_how_to_continue(ma
     task, scene = scene_task(image_server, 30)
     task["annotations"] = [annotation([plain_keypoint(scene, 0)])]
     (result,) = answers(client.post("/predict", json=batch_body([task])))
-    assert "BATCH_PREDICT_SECONDS" in result["error"] and "result" not in result
+    assert "not reached within BATCH_PREDICT_SECONDS" in result["error"] and "result" not in result
     assert not spy.decodes
+
+
+def test_a_task_whose_points_outlast_the_batchs_time_is_reported_not_cut_short(make_client, image_server):
+    """A task is answered whole or not at all: a part of its objects stored would count it as done."""
+    import time
+
+    from preannotation import OutOfTime, TaskPoints, fetch_images, keypoints_in, plan_task, segment_plan
+    from segnext_backend.runtime import get_runtime
+
+    make_client()
+    runtime = get_runtime()
+    task, scene = scene_task(image_server, 31)
+    points = TaskPoints("annotation 1", keypoints_in([plain_keypoint(scene, 0), plain_keypoint(scene, 1)], "annotation 1"))
+    plan = plan_task(task, points, parsed_config("BrushLabels"), runtime.settings)
+    fetch_images(plan, runtime)
+    try:
+        segment_plan(plan, runtime, deadline=time.monotonic() - 1)
+    except OutOfTime as error:
+        assert "2 points took longer than BATCH_PREDICT_SECONDS" in str(error)
+    else:
+        raise AssertionError("the task was segmented past its deadline")
 
 
 def test_settings_of_points_are_read_from_the_environment():
