@@ -3,8 +3,9 @@
 `SegNextBackend.predict` reads a smart-keypoint context (the clicks of the object being drawn), finds the
 image and the control that the clicked label belongs to in the label config (`label_config.py`), asks the
 `segnext_backend` package for the object's mask, and answers it in that control's region format: one brush
-region, one polygon per part of the mask, or the mask's box. No ONNX, caching or geometry lives here; the
-process's models and caches are `segnext_backend.runtime`'s.
+region, one polygon per part of the mask, or the mask's box (`regions.py`). Without a context (a task opened,
+"Retrieve Predictions") the points already on each task become masks (`preannotation.py`). No ONNX, caching or
+geometry lives here; the process's models and caches are `segnext_backend.runtime`'s.
 """
 
 from __future__ import annotations
