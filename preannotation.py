@@ -279,7 +279,7 @@ def plan_task(task: dict, points: TaskPoints, parsed: dict, settings: Settings) 
 
 
 def fetch_images(plan: TaskPlan, runtime: Runtime) -> None:
-    """Find each planned image's content, download it and decode it."""
+    """Find each planned image's content, download it and decode it (unless its features are at hand)."""
     data = plan.task.get("data") if isinstance(plan.task.get("data"), dict) else {}
     for image in plan.images:
         if image.data_field not in data:
@@ -287,7 +287,8 @@ def fetch_images(plan: TaskPlan, runtime: Runtime) -> None:
         try:
             ref = runtime.image_source.locate(data[image.data_field], plan.task.get("id"))
             image.image_key = runtime.image_source.current(ref)
-            image.pixels = runtime.image_source.load(image.image_key)
+            if image.image_key not in runtime.segmenter.feature_cache:  # else the encoder will not need them
+                image.pixels = runtime.image_source.load(image.image_key)
         except RequestError as error:
             raise TaskError(str(error)) from None
 
