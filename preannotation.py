@@ -268,6 +268,8 @@ def plan_task(task: dict, points: TaskPoints, parsed: dict, settings: Settings) 
     for point in points.points:
         try:
             target = image_target(parsed, point.to_name, point.label, settings.region_control_order)
+            if point.frame is not None:  # before any fetch or encode: the mask is built at this size
+                check_frame_size(*point.frame, settings.max_image_pixels)
         except RequestError as error:
             raise TaskError(f"{points.source}: {error}") from None
         planned = by_image.get(point.to_name)
@@ -319,7 +321,6 @@ def segment_plan(plan: TaskPlan, runtime: Runtime, deadline: float | None = None
                 )
             width, height = point.frame or (encoded.width, encoded.height)
             try:
-                check_frame_size(width, height, settings.max_image_pixels)
                 click = Click(x=point.x / 100.0 * width, y=point.y / 100.0 * height)
                 object_mask = runtime.segmenter.single_click_mask(encoded, click, width, height, timings)
             except RequestError as error:

@@ -231,7 +231,7 @@ def test_a_point_whose_mask_is_empty_gives_no_region(make_client, image_server):
 
 
 def test_each_tasks_error_is_its_own_answer_and_the_others_get_their_masks(make_client, image_server):
-    client, _ = make_client(max_points_per_task=3)
+    client, spy = make_client(max_points_per_task=3)
     good, scene = scene_task(image_server, 20)
     good["annotations"] = [annotation([plain_keypoint(scene, 2)])]
     outside, _ = scene_task(image_server, 21)
@@ -249,9 +249,13 @@ def test_each_tasks_error_is_its_own_answer_and_the_others_get_their_masks(make_
     stray = plain_keypoint(scene, 0)
     stray["value"]["x"] = 150.0
     keypoint_outside["annotations"] = [annotation([stray])]
+    huge_frame, _ = scene_task(image_server, 28)
+    huge_frame["data"]["points"] = {"width": 40000, "height": 40000, "points": [{"x": 5, "y": 5, "label": "Thing"}]}
 
-    results = answers(client.post("/predict", json=batch_body([good, outside, pixels_outside, unknown, too_many, missing_image, malformed, keypoint_outside])))
+    encodes = spy.encodes
+    results = answers(client.post("/predict", json=batch_body([good, outside, pixels_outside, unknown, too_many, missing_image, malformed, keypoint_outside, huge_frame])))
     assert_objects(results[0], scene, [2])
+    assert spy.encodes == encodes + 1  # only the good task's image: every error is found before the encoder
     errors = [r.get("error", "") for r in results[1:]]
     assert all("result" not in r for r in results[1:])  # Label Studio logs these and stores nothing
     assert "task 21" in errors[0] and "(101%, 50%) is outside the image" in errors[0]
@@ -260,6 +264,7 @@ def test_each_tasks_error_is_its_own_answer_and_the_others_get_their_masks(make_
     assert "4 points" in errors[3] and "MAX_POINTS_PER_TASK" in errors[3]
     assert "task 25" in errors[4] and "HTTP 404" in errors[4]
     assert "data.points must be a list" in errors[5]
+    assert "task 28" in errors[7] and "MAX_IMAGE_PIXELS" in errors[7]
     assert "task 27" in errors[6] and "annotation 1: keypoint 0 (150%" in errors[6] and "outside the image" in errors[6]
 
 
