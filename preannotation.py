@@ -316,8 +316,9 @@ def segment_plan(plan: TaskPlan, runtime: Runtime, deadline: float | None = None
         for point, target in image.points:
             if deadline is not None and time.monotonic() > deadline:
                 raise OutOfTime(
-                    f"{plan.point_count} points took longer than BATCH_PREDICT_SECONDS={settings.batch_predict_seconds:g}: "
-                    "raise it (and Label Studio's ML_TIMEOUT_PREDICT), or use tools.preannotate"
+                    f"{plan.point_count} points took longer than "
+                    f"BATCH_PREDICT_SECONDS={settings.batch_predict_seconds:g}: raise it (and Label Studio's "
+                    "ML_TIMEOUT_PREDICT), or use tools.preannotate"
                 )
             width, height = point.frame or (encoded.width, encoded.height)
             try:
@@ -418,6 +419,7 @@ def preannotate_tasks(
                 message = f"internal error: {type(error).__name__}"
                 yield TaskOutcome(task, "failed", _error_answer(task, message), message, prepared.source)
                 continue
-            yield TaskOutcome(task, "done", answer, source=prepared.source, objects=objects, images=len(prepared.images))
+            images = len(prepared.images)
+            yield TaskOutcome(task, "done", answer, source=prepared.source, objects=objects, images=images)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

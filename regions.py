@@ -11,7 +11,13 @@ from segnext_backend.settings import Settings
 
 
 def mask_regions(
-    settings: Settings, target: ImageTarget, label: str, object_mask: ObjectMask, width: int, height: int, rotation: float
+    settings: Settings,
+    target: ImageTarget,
+    label: str,
+    object_mask: ObjectMask,
+    width: int,
+    height: int,
+    rotation: float,
 ) -> list[dict]:
     """The regions of `object_mask` (in the width x height frame) for `target`'s control; none for an empty mask
     (an empty region would be an invisible suggestion the annotator cannot act on)."""

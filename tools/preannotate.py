@@ -63,7 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="find and check the points; compute and upload nothing")
     parser.add_argument("--backend", help="a running backend (or a fleet's address) makes the masks: http://host:9090")
     parser.add_argument("--concurrency", type=int, default=2, help="requests in flight to --backend (default 2)")
-    parser.add_argument("--prefetch", type=int, default=2, help="tasks whose images are fetched and decoded ahead (default 2)")
+    parser.add_argument(
+        "--prefetch", type=int, default=2, help="tasks whose images are fetched and decoded ahead (default 2)"
+    )
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
@@ -126,7 +128,9 @@ def project_tasks(api: LabelStudioApi, project_id: int, ids: list[int] | None) -
         yield task
 
 
-def to_do(tasks: Iterable[dict], project_id: int, model_version: str, summary: Summary, limit: int | None, on_skip) -> Iterator[dict]:
+def to_do(
+    tasks: Iterable[dict], project_id: int, model_version: str, summary: Summary, limit: int | None, on_skip
+) -> Iterator[dict]:
     """The tasks that are not done, at most `limit`; the others are counted as skipped."""
     handed = 0
     for task in tasks:
@@ -166,7 +170,9 @@ def record(outcome: TaskOutcome, summary: Summary, api: LabelStudioApi, dry_run:
         summary.failed.append((task_id, outcome.error))
 
 
-def checked_outcomes(tasks: Iterable[dict], parsed: dict, settings: Settings, model_version: str, api: LabelStudioApi) -> Iterator[TaskOutcome]:
+def checked_outcomes(
+    tasks: Iterable[dict], parsed: dict, settings: Settings, model_version: str, api: LabelStudioApi
+) -> Iterator[TaskOutcome]:
     """--dry-run: each task's points found and checked against the config and the limits; no images, no model."""
     for task in tasks:
         try:
@@ -186,14 +192,17 @@ def backend_outcomes(tasks: Iterable[dict], args, label_config: str, settings: S
     auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
 
     def predict(task: dict) -> TaskOutcome:
-        body = {"tasks": [task], "project": f"{args.project}.0", "label_config": label_config, "params": {"context": None}}
+        body = {
+            "tasks": [task], "project": f"{args.project}.0", "label_config": label_config, "params": {"context": None}
+        }
         try:
             response = session.post(args.backend.rstrip("/") + "/predict", json=body, auth=auth, timeout=3600)
             answer = response.json()
         except (requests.RequestException, ValueError) as error:
             return TaskOutcome(task, "failed", error=f"the backend did not answer: {type(error).__name__}")
         if response.status_code != 200:
-            return TaskOutcome(task, "failed", error=f"the backend answered HTTP {response.status_code}: {answer.get('error', '')}")
+            why = answer.get("error", "") if isinstance(answer, dict) else ""
+            return TaskOutcome(task, "failed", error=f"the backend answered HTTP {response.status_code}: {why}")
         results = answer.get("results") if isinstance(answer, dict) else None
         if not isinstance(results, list) or len(results) != 1:
             return TaskOutcome(task, "failed", error="the backend answered without one result for the task")
@@ -260,7 +269,8 @@ def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
     summary = Summary()
     total = len(args.tasks) if args.tasks else project.get("task_number")
     progress = Progress(None if args.limit else total)  # with a limit, how many are done already is unknown
-    tasks = to_do(project_tasks(api, args.project, args.tasks), args.project, model_version, summary, args.limit, progress.bar.update)
+    listed = project_tasks(api, args.project, args.tasks)
+    tasks = to_do(listed, args.project, model_version, summary, args.limit, progress.bar.update)
     if args.dry_run:
         outcomes = checked_outcomes(tasks, parsed, settings, model_version, api)
     elif args.backend:

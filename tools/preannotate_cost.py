@@ -43,7 +43,8 @@ CONFIG = """<View>
 
 def bare_decode_seconds(engine: SegNextEngine, features, x: float, y: float) -> float:
     started = time.perf_counter()
-    engine.decode(features, np.array([(x, y)], np.float32), np.array([1.0], np.float32), np.zeros((MODEL_SIZE, MODEL_SIZE), np.float32))
+    no_mask = np.zeros((MODEL_SIZE, MODEL_SIZE), np.float32)
+    engine.decode(features, np.array([(x, y)], np.float32), np.array([1.0], np.float32), no_mask)
     return time.perf_counter() - started
 
 
@@ -57,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     rng = np.random.default_rng(0)
-    points = [[(float(rng.uniform(0.1, 0.9)), float(rng.uniform(0.1, 0.9))) for _ in range(args.points)] for _ in range(args.images)]
+    points = [[tuple(float(v) for v in rng.uniform(0.1, 0.9, 2)) for _ in range(args.points)] for _ in range(args.images)]
 
     files = {f"/data/upload/1/{i}.jpg": jpeg_bytes(width, height, seed=i) for i in range(args.images)}
 
@@ -83,7 +84,8 @@ def main() -> None:
     for fx, fy in points[0] * 2:
         bare.append(bare_decode_seconds(engine, features, fx * MODEL_SIZE, fy * MODEL_SIZE))
         started = time.perf_counter()
-        mask = runtime.segmenter.single_click_mask(encoded, Click(fx * width, fy * height), width, height, PredictionTimings())
+        click = Click(fx * width, fy * height)
+        mask = runtime.segmenter.single_click_mask(encoded, click, width, height, PredictionTimings())
         mask_regions(settings, target, "Thing", mask, width, height, 0.0)
         path.append(time.perf_counter() - started)
     decoder = statistics.median(bare)
@@ -105,7 +107,10 @@ def main() -> None:
     tasks = [
         {
             "id": i + 1,
-            "data": {"image": f"/data/upload/1/{i}.jpg", "points": [{"x": 100 * x, "y": 100 * y, "label": "Thing"} for x, y in points[i]]},
+            "data": {
+                "image": f"/data/upload/1/{i}.jpg",
+                "points": [{"x": 100 * x, "y": 100 * y, "label": "Thing"} for x, y in points[i]],
+            },
         }
         for i in range(args.images)
     ]
