@@ -168,9 +168,11 @@ def test_limit_and_tasks_choose_what_is_done_and_a_failed_upload_is_reported(lab
     assert sorted(u["task"] for u in label_studio.uploads) == [2]
     assert "task 3: uploading its prediction failed" in out and "HTTP 500" in out
     label_studio.fail_uploads_of = set()
-    assert main(["--project", "1", "--tasks", "1-4"], runtime=runtime) == 0
+    assert main(["--project", "1", "--tasks", "1-4,99"], runtime=runtime) == 1
     assert_uploaded(label_studio, {k: v for k, v in expected.items() if k <= 4}, runtime.model_version)
-    assert "tasks skipped (a prediction of this model version exists): 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tasks skipped (a prediction of this model version exists): 1" in out
+    assert "task 99: GET /api/tasks/99" in out and "HTTP 404" in out  # a wrong id fails alone
 
 
 def test_dry_run_checks_points_and_uploads_nothing(label_studio, runtime, capsys):

@@ -120,8 +120,16 @@ class Progress:
 # -- which tasks --------------------------------------------------------------------------------------------------
 
 
-def project_tasks(api: LabelStudioApi, project_id: int, ids: list[int] | None) -> Iterator[dict]:
-    listed = (api.task(task_id) for task_id in ids) if ids else api.tasks(project_id)
+def named_tasks(api: LabelStudioApi, ids: list[int], summary: Summary) -> Iterator[dict]:
+    for task_id in ids:
+        try:
+            yield api.task(task_id)
+        except LabelStudioApiError as error:  # a wrong id fails that task, not the run
+            summary.failed.append((task_id, str(error)))
+
+
+def project_tasks(api: LabelStudioApi, project_id: int, ids: list[int] | None, summary: Summary) -> Iterator[dict]:
+    listed = named_tasks(api, ids, summary) if ids else api.tasks(project_id)
     for task in listed:
         # The task API gives only the key owner's drafts: preannotation reads all of them when none are given.
         task.pop("drafts", None)
@@ -269,7 +277,7 @@ def main(argv: list[str] | None = None, runtime: Runtime | None = None) -> int:
     summary = Summary()
     total = len(args.tasks) if args.tasks else project.get("task_number")
     progress = Progress(None if args.limit else total)  # with a limit, how many are done already is unknown
-    listed = project_tasks(api, args.project, args.tasks)
+    listed = project_tasks(api, args.project, args.tasks, summary)
     tasks = to_do(listed, args.project, model_version, summary, args.limit, progress.bar.update)
     if args.dry_run:
         outcomes = checked_outcomes(tasks, parsed, settings, model_version, api)
