@@ -3,8 +3,9 @@
 `SegNextBackend.predict` reads a smart-keypoint context (the clicks of the object being drawn), finds the
 image and the control that the clicked label belongs to in the label config (`label_config.py`), asks the
 `segnext_backend` package for the object's mask, and answers it in that control's region format: one brush
-region, one polygon per part of the mask, or the mask's box. No ONNX, caching or geometry lives here; the
-process's models and caches are `segnext_backend.runtime`'s.
+region, one polygon per part of the mask, or the mask's box (`regions.py`). Without a context (a task opened,
+"Retrieve Predictions") the points already on each task become masks (`preannotation.py`). No ONNX, caching or
+geometry lives here; the process's models and caches are `segnext_backend.runtime`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import uuid
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,9 +27,11 @@ from label_config import (
     require_answerable_config,
     require_interactive_config,
 )
+from label_studio_api import LabelStudioApi
+from preannotation import preannotate_tasks
+from regions import mask_regions
 from segnext_backend.errors import AnswerTooLargeError, RequestError, TooLargeError
 from segnext_backend.limits import check_frame_size
-from segnext_backend.masks import mask_to_rle
 from segnext_backend.runtime import (
     SEGNEXT_VERSION,
     Runtime,
@@ -121,6 +124,22 @@ def clicks_from_context(context: dict) -> ObjectClicks:
         original_height=height,
         image_rotation=_number(rotation, "image_rotation"),
     )
+
+
+# -- Label Studio's API --------------------------------------------------------------------------------------
+
+_api: LabelStudioApi | None = None
+
+
+def label_studio_api(settings) -> LabelStudioApi | None:
+    """The process's client of Label Studio's API (one, so that a personal access token is exchanged once per
+    access token's life, not per request); None without LABEL_STUDIO_URL."""
+    global _api
+    if not settings.label_studio_url:
+        return None
+    if _api is None or (_api.url, _api.auth.api_key) != (settings.label_studio_url, settings.label_studio_api_key):
+        _api = LabelStudioApi.from_settings(settings)
+    return _api
 
 
 # -- the backend ----------------------------------------------------------------------------------------------
@@ -219,14 +238,8 @@ class SegNextBackend(LabelStudioMLBase):
         require_interactive_config(self.parsed_label_config, runtime.settings.region_control_order)
 
         if not context or not context.get("result"):
-            # A task was opened or predictions were asked for in a batch: nothing to segment without clicks,
-            # but the first click will need the image's features, and the encoder is slow.
-            for task in tasks:
-                self._encode_in_background(runtime, task)
-            # One empty list of predictions per task: Label Studio stores nothing and logs nothing. (`[]` makes
-            # it log an error for every task opened; an empty prediction would be shown to the annotators and
-            # stop Label Studio from asking again when the task is next opened.)
-            return [[] for _ in tasks]
+            # A task was opened or predictions were asked for in a batch: the points on the tasks become masks.
+            return self._masks_for_points(runtime, tasks)
 
         if len(tasks) != 1:
             raise RequestError(f"an interactive request must carry one task, got {len(tasks)}")
@@ -262,6 +275,37 @@ class SegNextBackend(LabelStudioMLBase):
         finally:
             prediction.release()  # the mask's pixels back to MASK_PIXEL_BUDGET
 
+    def _masks_for_points(self, runtime: Runtime, tasks: list[dict]) -> list:
+        """One answer per task (preannotation.py): a prediction with a region per point; an error for a task
+        whose points cannot be segmented (Label Studio logs it and stores nothing); or, for a task without
+        points or done already, an empty list of predictions (Label Studio stores nothing and logs nothing;
+        an empty list of results would make it log an error for every task opened), and its image is encoded
+        in the background, since the first click will need its features and the encoder is slow."""
+        started = time.monotonic()
+        answers = []
+        outcomes = preannotate_tasks(
+            tasks,
+            self.parsed_label_config,
+            runtime,
+            api=label_studio_api(runtime.settings),
+            deadline=started + runtime.settings.batch_predict_seconds,
+        )
+        for outcome in outcomes:
+            task_id = str(outcome.task.get("id"))[:40]
+            if outcome.status == "done":
+                logger.info(
+                    "task %s: %d point(s) from %s, %d region(s)",
+                    task_id, outcome.objects, outcome.source, len(outcome.answer["result"]),
+                )
+                answers.append(outcome.answer)
+            elif outcome.status == "failed":
+                logger.warning("task %s: no masks for its points: %s", task_id, outcome.error)
+                answers.append(outcome.answer)
+            else:
+                self._encode_in_background(runtime, outcome.task)
+                answers.append([])
+        return answers
+
     @staticmethod
     def _image_ref(task: dict, data_field: str) -> str:
         data = task.get("data")
@@ -283,41 +327,11 @@ class SegNextBackend(LabelStudioMLBase):
                 return
 
     def _answer(self, runtime: Runtime, obj: ObjectClicks, target: ImageTarget, object_mask) -> dict:
-        prediction = {"result": [], "score": 0.0, "model_version": runtime.model_version}
-        if object_mask.is_empty:
-            # An empty region would be an invisible suggestion the annotator cannot act on.
-            return prediction
-        # Imported here, like the segmenter: OpenCV starts threads when imported, and a server that imports
-        # this module and then forks its workers (gunicorn --preload) must not have them in the parent.
-        from segnext_backend.polygons import bounding_box, box_to_percent, mask_polygons, to_percent
-
-        width, height = obj.original_width, obj.original_height
-        label = {target.region_type: [obj.label]}
-        if target.region_type == "polygonlabels":
-            settings = runtime.settings
-            polygons = mask_polygons(
-                object_mask.mask, settings.polygon_tolerance, settings.polygon_min_area, settings.max_polygon_vertices
-            )
-            values = [{"points": to_percent(p, width, height), "closed": True, **label} for p in polygons]
-        elif target.region_type == "rectanglelabels":
-            values = [{**box_to_percent(bounding_box(object_mask.mask), width, height), **label}]
-        else:
-            values = [{"format": "rle", "rle": mask_to_rle(object_mask.mask, runtime.settings.max_brush_rle_bytes), **label}]
-        regions = [
-            {
-                "id": uuid.uuid4().hex[:10],
-                "from_name": target.from_name,
-                "to_name": target.to_name,
-                "type": target.region_type,
-                "original_width": width,
-                "original_height": height,
-                "image_rotation": obj.image_rotation,
-                "value": value,
-                "score": object_mask.score,
-                "readonly": False,
-            }
-            for value in values
-        ]
-        if regions:
-            prediction.update(result=regions, score=object_mask.score)
-        return prediction
+        regions = mask_regions(
+            runtime.settings, target, obj.label, object_mask, obj.original_width, obj.original_height, obj.image_rotation
+        )
+        return {
+            "result": regions,
+            "score": object_mask.score if regions else 0.0,
+            "model_version": runtime.model_version,
+        }

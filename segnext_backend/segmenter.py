@@ -174,8 +174,13 @@ class InteractiveSegmenter:
 
     # -- images -------------------------------------------------------------------------------------------
 
-    def encoded_image(self, image_key: str, timings: PredictionTimings | None = None) -> EncodedImage:
-        """The image's features, encoding it if no request has yet (and waiting if one is encoding it now)."""
+    def encoded_image(
+        self, image_key: str, timings: PredictionTimings | None = None, pixels: np.ndarray | None = None
+    ) -> EncodedImage:
+        """The image's features, encoding it if no request has yet (and waiting if one is encoding it now).
+
+        `pixels`: the image's RGB pixels when the caller has decoded them already (a batch that fetches and
+        decodes ahead of the model); otherwise `load_image` fetches them when they are needed."""
 
         def encode() -> EncodedImage:
             if timings is not None:
@@ -190,7 +195,7 @@ class InteractiveSegmenter:
                 if timings is not None:
                     timings.disk_cache_hit = True
                 return stored
-            rgb = self.load_image(image_key)
+            rgb = pixels if pixels is not None else self.load_image(image_key)
             started = time.perf_counter()
             features = self.engine.encode(to_model_input(rgb))
             if timings is not None:
@@ -376,6 +381,28 @@ class InteractiveSegmenter:
             return self.object_states.get_or_compute(key, decode)
         kept = self.object_states.get(key)
         return kept if kept is not None else decode()
+
+    def single_click_mask(
+        self, image: EncodedImage, click: Click, frame_width: int, frame_height: int, timings: PredictionTimings
+    ) -> ObjectMask:
+        """The mask of the object under one click on an encoded image: one decoder run, and no click state kept
+        (a batch of points is not refined by clicks that follow; keeping its states would push the annotators'
+        out of the cache). For batches: encode the image once (`encoded_image`), then call this per point."""
+        frame = ModelFrame(frame_width, frame_height)
+        ((x, y, label),) = self._click_key([click], frame)
+        started = time.perf_counter()
+        logits = self.engine.decode(
+            image.features,
+            np.array([(x, y)], dtype=np.float32),
+            np.array([label], dtype=np.float32),
+            np.zeros((MODEL_SIZE, MODEL_SIZE), dtype=np.float32),
+        )
+        timings.decoder_runs += 1
+        timings.decoder_ms += (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        object_mask = logits_to_mask(logits, frame, self.mask_threshold)
+        timings.postprocess_ms += (time.perf_counter() - started) * 1000
+        return object_mask
 
     def predict(self, image_key: str, clicks: Sequence[Click], frame_width: int, frame_height: int) -> Prediction:
         """The object's mask after these clicks, in the frame_width x frame_height frame the clicks are in.

@@ -182,6 +182,14 @@ class Settings:
     # Frame pixels whose masks are made and answered (resize, threshold, RLE, polygons) at once over all
     # requests, a few bytes per pixel each; larger ones wait their turn.
     mask_pixel_budget: int = 100_000_000
+    # Batch pre-annotation (README, "Masks for points"): the task data field that may carry points imported with
+    # the tasks; the most points of one task made into masks (each costs a decoder run; a task with more is
+    # reported, not segmented); and how long one /predict without clicks may spend on points, so that it
+    # answers before Label Studio gives up on it (ML_TIMEOUT_PREDICT, 100 s by default): the tasks not reached
+    # are reported, and the next "Retrieve Predictions" continues with them.
+    points_data_field: str = "points"
+    max_points_per_task: int = 100
+    batch_predict_seconds: float = 80.0
 
     def __post_init__(self):
         # Half a basic-auth configuration would leave the backend open (or open to any password) without a
@@ -314,6 +322,9 @@ class Settings:
             request_body_budget_bytes=number("REQUEST_BODY_BUDGET_BYTES", defaults.request_body_budget_bytes, int, 1),
             host=text("HOST", defaults.host) or defaults.host,
             allow_open_access=flag("ALLOW_OPEN_ACCESS", defaults.allow_open_access),
+            points_data_field=text("POINTS_DATA_FIELD", defaults.points_data_field),
+            max_points_per_task=number("MAX_POINTS_PER_TASK", defaults.max_points_per_task, int, 1),
+            batch_predict_seconds=number("BATCH_PREDICT_SECONDS", defaults.batch_predict_seconds, float, 1.0),
         )
 
     def redacted(self) -> dict:
