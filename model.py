@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,7 +30,7 @@ from label_studio_api import LabelStudioApi
 from preannotation import preannotate_tasks
 from regions import mask_regions
 from segnext_backend.errors import AnswerTooLargeError, RequestError, TooLargeError
-from segnext_backend.limits import check_frame_size
+from segnext_backend.limits import check_frame_size, finite_number, positive_whole_number
 from segnext_backend.runtime import (
     SEGNEXT_VERSION,
     Runtime,
@@ -62,25 +61,6 @@ class ObjectClicks:
     image_rotation: float
 
 
-def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"{what} must be a number, got {str(value)[:40]!r}")
-    try:
-        number = float(value)  # an int beyond float's range (10**400) raises here
-    except OverflowError:
-        raise RequestError(f"{what} must be a finite number, got one of {len(str(value))} digits") from None
-    if not math.isfinite(number):
-        raise RequestError(f"{what} must be a finite number, got {value!r}")
-    return number
-
-
-def _size(value, what: str) -> int:
-    size = _number(value, what)
-    if size < 1 or size != int(size):
-        raise RequestError(f"{what} must be a positive whole number, got {value!r}")
-    return int(size)
-
-
 def clicks_from_context(context: dict) -> ObjectClicks:
     """The smart keypoints of `context.result`, in the order they were made, as clicks in pixels."""
     from segnext_backend.segmenter import Click
@@ -95,8 +75,8 @@ def clicks_from_context(context: dict) -> ObjectClicks:
     to_name = first.get("to_name")
     if not isinstance(to_name, str) or not to_name:
         raise RequestError("a keypoint has no to_name")
-    width = _size(first.get("original_width"), "original_width")
-    height = _size(first.get("original_height"), "original_height")
+    width = positive_whole_number(first.get("original_width"), "original_width")
+    height = positive_whole_number(first.get("original_height"), "original_height")
     clicks = []
     label = None
     for index, point in enumerate(keypoints):
@@ -105,8 +85,8 @@ def clicks_from_context(context: dict) -> ObjectClicks:
             raise RequestError(f"keypoint {index} has no value")
         if point.get("to_name") != to_name:
             raise RequestError("all keypoints of one object must be on the same image")
-        x = _number(value.get("x"), f"keypoint {index} x")
-        y = _number(value.get("y"), f"keypoint {index} y")
+        x = finite_number(value.get("x"), f"keypoint {index} x")
+        y = finite_number(value.get("y"), f"keypoint {index} y")
         if not (0.0 <= x <= 100.0 and 0.0 <= y <= 100.0):
             raise RequestError(f"keypoint {index} ({x:g}%, {y:g}%) is outside the image")
         labels = value.get("keypointlabels") or value.get("labels")
@@ -122,7 +102,7 @@ def clicks_from_context(context: dict) -> ObjectClicks:
         to_name=to_name,
         original_width=width,
         original_height=height,
-        image_rotation=_number(rotation, "image_rotation"),
+        image_rotation=finite_number(rotation, "image_rotation"),
     )
 
 

@@ -29,7 +29,6 @@ batch's: Label Studio logs it and stores nothing for the task, so a later run tr
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,7 +41,7 @@ from label_config import ImageTarget, image_target
 from label_studio_api import LabelStudioApi
 from regions import mask_regions
 from segnext_backend.errors import RequestError
-from segnext_backend.limits import check_frame_size
+from segnext_backend.limits import check_frame_size, finite_number, positive_whole_number
 from segnext_backend.runtime import Runtime
 from segnext_backend.settings import Settings
 
@@ -70,22 +69,11 @@ class TaskPoints:
 
 
 def _number(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TaskError(f"{what} must be a number, got {str(value)[:40]!r}")
-    try:
-        number = float(value)
-    except OverflowError:
-        raise TaskError(f"{what} must be a finite number") from None
-    if not math.isfinite(number):
-        raise TaskError(f"{what} must be a finite number, got {value!r}")
-    return number
+    return finite_number(value, what, TaskError)
 
 
 def _size(value, what: str) -> int:
-    size = _number(value, what)
-    if size < 1 or size != int(size):
-        raise TaskError(f"{what} must be a positive whole number, got {value!r}")
-    return int(size)
+    return positive_whole_number(value, what, TaskError)
 
 
 def _inside(x: float, y: float, what: str, shown: str) -> None:

@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
+import math
+
 from .errors import RequestError
+
+
+def finite_number(value, what: str, error: type[Exception] = RequestError) -> float:
+    """A JSON number as a finite float; anything else (a string, a bool, NaN, 10**400) raises `error`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(f"{what} must be a number, got {str(value)[:40]!r}")
+    try:
+        number = float(value)  # an int beyond float's range (10**400) raises here
+    except OverflowError:
+        raise error(f"{what} must be a finite number, got one of {len(str(value))} digits") from None
+    if not math.isfinite(number):
+        raise error(f"{what} must be a finite number, got {value!r}")
+    return number
+
+
+def positive_whole_number(value, what: str, error: type[Exception] = RequestError) -> int:
+    """A JSON number that is a whole number of at least 1 (a width, a height), as an int."""
+    size = finite_number(value, what, error)
+    if size < 1 or size != int(size):
+        raise error(f"{what} must be a positive whole number, got {value!r}")
+    return int(size)
 
 
 def check_frame_size(width: int, height: int, max_pixels: int) -> None:
