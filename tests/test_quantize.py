@@ -51,7 +51,7 @@ def test_fused_attention_gives_the_same_logits_without_the_score_matrix(shallow_
     np.testing.assert_allclose(got, expected, atol=1e-4 * float(np.abs(expected).max()))
 
 
-def test_quantize_command_writes_a_servable_pair_with_segnext_interface(shallow_models, tmp_path):
+def test_quantize_command_writes_a_servable_pair_with_segnext_interface(shallow_models, tmp_path, monkeypatch, caplog):
     """`python -m tools.quantize MODEL_DIR --out OUT_DIR` (the default recipe: static int8 + fused attention)."""
     import subprocess
 
@@ -95,6 +95,17 @@ def test_quantize_command_writes_a_servable_pair_with_segnext_interface(shallow_
         assert info.int8["made_for"] == info.int8["this_cpu"] == cpu_class(cpu_flags()), role
         assert info.int8["exact_here"] is True, role
     assert SegNextEngine(encoder, decoder, intra_op_threads=1).files["decoder"].int8 is None  # float32
+    # Served on a CPU without VNNI, a pair with 8-bit weights is flagged in /health's fields and the log.
+    import logging
+
+    import segnext_backend.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "cpu_flags", lambda: {"avx2", "fma"})
+    with caplog.at_level(logging.INFO, logger="segnext_backend.engine"):
+        int8 = SegNextEngine(encoder8, decoder8, intra_op_threads=1).files["decoder"].int8
+    assert int8["this_cpu"] == "avx2" and int8["exact_here"] == (int8["weight_bits"] == 7)
+    flagged = [r for r in caplog.records if r.levelno == logging.WARNING and "saturate" in r.getMessage()]
+    assert len(flagged) == (0 if int8["exact_here"] else 2), [r.getMessage() for r in caplog.records]
     # The neck's upsamplings rearrange uint8 values: the same scale in and out, so ONNX Runtime drops the pair.
     values = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
