@@ -50,7 +50,9 @@ def test_an_8_bit_int8_file_is_flagged_on_a_cpu_without_vnni_and_a_7_bit_one_is_
 
 
 def test_this_cpus_class_from_cpuid_is_the_one_proc_cpuinfo_gives():
-    """cpu_flags() asks the CPU (CPUID, through numpy), as ONNX Runtime's kernels do; Linux's list must agree."""
+    """cpu_flags() asks the CPU (CPUID, through numpy), as ONNX Runtime's kernels do; Linux's list must agree.
+    (Not under user-mode emulation, qemu-x86_64 -cpu ..., where /proc/cpuinfo is the host's and CPUID the
+    emulated CPU's: that is why cpu_flags() asks CPUID.)"""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
         pytest.skip("no /proc/cpuinfo on this OS")
