@@ -102,10 +102,14 @@ def int8_file_status(metadata: str | None, flags: set[str]) -> dict | None:
     # 7-bit weights never saturate; 8-bit ones are exact only where the CPU adds the products in 32 bits.
     exact = weight_bits <= 7 or has_vnni(flags)
     if exact:
-        why = f"{weight_bits}-bit weights " + ("never saturate" if weight_bits <= 7 else "are exact with this CPU's VNNI")
+        why = f"{weight_bits}-bit weights " + (
+            "never saturate" if weight_bits <= 7 else "are exact with this CPU's VNNI"
+        )
     else:
         why = (
             f"this CPU ({here or 'unknown'}) has no VNNI: its uint8 x int8 products saturate with 8-bit weights; "
             "rebuild the pair with `python -m tools.quantize MODEL_DIR --out OUT_DIR` on it (or --target-cpu avx2)"
         )
-    return {"made_for": made.get("target_cpu"), "weight_bits": weight_bits, "this_cpu": here, "exact_here": exact, "why": why}
+    return {
+        "made_for": made.get("target_cpu"), "weight_bits": weight_bits, "this_cpu": here, "exact_here": exact, "why": why
+    }

@@ -452,7 +452,9 @@ def test_a_symlink_planted_at_a_temporary_name_is_never_written_through(shallow_
     assert names == [".decoder.onnx.tmp", ".encoder.onnx.tmp", "decoder.onnx", "encoder.onnx"]  # nothing left behind
 
 
-@pytest.mark.parametrize("target_cpu, weight_bits", [("avx2", 7), ("avx512", 7), ("avx512-vnni", 8), ("avx512-bf16", 8)])
+@pytest.mark.parametrize(
+    "target_cpu, weight_bits", [("avx2", 7), ("avx512", 7), ("avx512-vnni", 8), ("avx512-bf16", 8)]
+)
 def test_int8_weights_use_7_bits_for_cpus_without_vnni_and_the_file_says_so(tmp_path, target_cpu, weight_bits):
     """uint8 x int8 products added in pairs into 16 bits (AVX2, AVX-512 without VNNI) saturate past 32,767:
     255 x 127 x 2 does, 255 x 64 x 2 does not. The file records the class and the bits, and the engine reads

@@ -357,7 +357,9 @@ def int8_weights(target_cpu: str) -> dict:
 
     from segnext_backend.cpu import int8_saturates
 
-    return {"activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8, "reduce_range": int8_saturates(target_cpu)}
+    return {
+        "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8, "reduce_range": int8_saturates(target_cpu)
+    }
 
 
 def _quantize_static(
@@ -577,7 +579,9 @@ def print_comparison(result: dict) -> None:
     )
     int8 = result.get("variant_int8")
     if int8:
-        print(f"the variant's int8 was made for {int8['made_for']} CPUs; on this one ({int8['this_cpu']}): {int8['why']}")
+        print(
+            f"the variant's int8 was made for {int8['made_for']} CPUs; on this one ({int8['this_cpu']}): {int8['why']}"
+        )
 
 
 def peak_memory(model_dir: Path, clicks: int = 3, threads: int = 0) -> float:
