@@ -324,7 +324,7 @@ def test_per_pixel_scaling_is_exact_in_float32():
 def test_per_pixel_scaling_keeps_the_quiet_pixels_of_a_spiky_tensor_in_int8(tmp_path, monkeypatch, target_cpu):
     """int8 with and without the scaling, against float32, on the pixels that are not spikes: made for this CPU
     (`auto`: 8-bit weights where it has VNNI, 7-bit where it has not) and for AVX2 (7-bit weights, exact on any
-    x86 CPU). With 8-bit weights on a CPU without VNNI, the scaled pixels' pair sums saturate (0.04 here)."""
+    x86 CPU). With 8-bit weights on a CPU without VNNI the scaled pixels' pair sums saturate (0.04 on AVX2)."""
     import onnx
 
     import tools.quantize as quantize
