@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper
 
+from .cpu import BF16_FLAGS, cpu_flags
 from .settings import DEVICES
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
 OPENVINO = "OpenVINOExecutionProvider"
 CPU = "CPUExecutionProvider"
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo: the instructions OpenVINO's bf16 kernels use
+BF16_CPU_FLAGS = BF16_FLAGS  # /proc/cpuinfo: the instructions OpenVINO's bf16 kernels use
 _ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # preload_dlls colours its warnings
 
 _OPENVINO_INSTALL_HINT = (
@@ -155,12 +156,8 @@ def openvino_provider(ort, precision: str, threads: int = 0, cpu_flags: set[str]
 
 
 def _cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them; empty elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    """The CPU's feature flags, named as Linux lists them (segnext_backend/cpu.py asks the CPU itself)."""
+    return cpu_flags()
 
 
 def _probe(ort, provider=CUDA) -> str | None:

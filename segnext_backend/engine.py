@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .cpu import INT8_METADATA_KEY, cpu_flags, int8_file_status
 from .geometry import MODEL_SIZE
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class ModelFileInfo:
     path: str
     size_bytes: int
     is_test_model: bool
+    # An int8 file from tools.quantize: the CPU class it was made for, and whether it is exact on this CPU.
+    int8: dict | None = None
 
 
 def _session_options(intra_op_threads: int, memory_arena: bool = True) -> ort.SessionOptions:
@@ -161,9 +164,18 @@ class SegNextEngine:
                 path=str(path),
                 size_bytes=Path(path).stat().st_size,
                 is_test_model=session.get_modelmeta().custom_metadata_map.get(TEST_MODEL_METADATA_KEY) == "true",
+                int8=int8_file_status(session.get_modelmeta().custom_metadata_map.get(INT8_METADATA_KEY), cpu_flags())
+                if self.execution_providers[0] == "CPUExecutionProvider"
+                else None,
             )
             for role, path, session in (("encoder", encoder_path, self.encoder), ("decoder", decoder_path, self.decoder))
         }
+        for role, info in self.files.items():
+            if info.int8 is not None:
+                logger.log(
+                    logging.INFO if info.int8["exact_here"] else logging.WARNING,
+                    "%s: int8 made for %s CPUs: %s", role, info.int8["made_for"], info.int8["why"],
+                )
         # Each SegNext run holds about a gigabyte of attention maps: these bound how many go at once.
         # One encode at a time keeps a burst of newly opened tasks from starving the clicks of memory.
         self._encode_slots = threading.Semaphore(1)

@@ -51,7 +51,7 @@ def test_fused_attention_gives_the_same_logits_without_the_score_matrix(shallow_
     np.testing.assert_allclose(got, expected, atol=1e-4 * float(np.abs(expected).max()))
 
 
-def test_quantize_command_writes_a_servable_pair_with_segnext_interface(shallow_models, tmp_path):
+def test_quantize_command_writes_a_servable_pair_with_segnext_interface(shallow_models, tmp_path, monkeypatch, caplog):
     """`python -m tools.quantize MODEL_DIR --out OUT_DIR` (the default recipe: static int8 + fused attention)."""
     import subprocess
 
@@ -88,6 +88,24 @@ def test_quantize_command_writes_a_servable_pair_with_segnext_interface(shallow_
     logits8 = _logits(encoder8, decoder8, image)
     assert logits8.shape == (MODEL_SIZE, MODEL_SIZE) and np.isfinite(logits8).all()
     assert np.corrcoef(logits32.ravel(), logits8.ravel())[0, 1] > 0.9
+    # Made for this CPU (the default, --target-cpu auto): the engine says so, and that it is exact here.
+    from segnext_backend.cpu import cpu_class, cpu_flags
+
+    for role, info in SegNextEngine(encoder8, decoder8, intra_op_threads=1).files.items():
+        assert info.int8["made_for"] == info.int8["this_cpu"] == cpu_class(cpu_flags()), role
+        assert info.int8["exact_here"] is True, role
+    assert SegNextEngine(encoder, decoder, intra_op_threads=1).files["decoder"].int8 is None  # float32
+    # Served on a CPU without VNNI, a pair with 8-bit weights is flagged in /health's fields and the log.
+    import logging
+
+    import segnext_backend.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "cpu_flags", lambda: {"avx2", "fma"})
+    with caplog.at_level(logging.INFO, logger="segnext_backend.engine"):
+        int8 = SegNextEngine(encoder8, decoder8, intra_op_threads=1).files["decoder"].int8
+    assert int8["this_cpu"] == "avx2" and int8["exact_here"] == (int8["weight_bits"] == 7)
+    flagged = [r for r in caplog.records if r.levelno == logging.WARNING and "saturate" in r.getMessage()]
+    assert len(flagged) == (0 if int8["exact_here"] else 2), [r.getMessage() for r in caplog.records]
     # The neck's upsamplings rearrange uint8 values: the same scale in and out, so ONNX Runtime drops the pair.
     values = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
@@ -302,8 +320,11 @@ def test_per_pixel_scaling_is_exact_in_float32():
     assert scale_outlier_readers(model, {"stream"}, feed(0), max_pixels=15 * 15) == []  # 16x16 is over the limit
 
 
-def test_per_pixel_scaling_keeps_the_quiet_pixels_of_a_spiky_tensor_in_int8(tmp_path, monkeypatch):
-    """int8 with and without the scaling, against float32, on the pixels that are not spikes."""
+@pytest.mark.parametrize("target_cpu", ["auto", "avx2"])
+def test_per_pixel_scaling_keeps_the_quiet_pixels_of_a_spiky_tensor_in_int8(tmp_path, monkeypatch, target_cpu):
+    """int8 with and without the scaling, against float32, on the pixels that are not spikes: made for this CPU
+    (`auto`: 8-bit weights where it has VNNI, 7-bit where it has not) and for AVX2 (7-bit weights, exact on any
+    x86 CPU). With 8-bit weights on a CPU without VNNI the scaled pixels' pair sums saturate (0.04 on AVX2)."""
     import onnx
 
     import tools.quantize as quantize
@@ -317,7 +338,10 @@ def test_per_pixel_scaling_keeps_the_quiet_pixels_of_a_spiky_tensor_in_int8(tmp_
     def relative_errors(scale_limit: float) -> dict[str, float]:
         monkeypatch.setattr(quantize, "SCALE_PEAK_TO_RMS", scale_limit)
         target = tmp_path / f"limit{scale_limit}.onnx"
-        quantize._quantize_static(onnx.load_model_from_string(model.SerializeToString()), target, calibration, tmp_path, False)
+        quantize._quantize_static(
+            onnx.load_model_from_string(model.SerializeToString()), target, calibration, tmp_path, False,
+            log=lambda _: None, target_cpu=target_cpu,
+        )
         got = _run(onnx.load(str(target)), evaluation)
         return {
             name: float(np.abs(got[name][rows] - expected[name][rows]).mean() / np.abs(expected[name][rows]).mean())
@@ -426,3 +450,36 @@ def test_a_symlink_planted_at_a_temporary_name_is_never_written_through(shallow_
         onnx.checker.check_model(str(written))
     names = sorted(p.name for p in out.iterdir())
     assert names == [".decoder.onnx.tmp", ".encoder.onnx.tmp", "decoder.onnx", "encoder.onnx"]  # nothing left behind
+
+
+@pytest.mark.parametrize(
+    "target_cpu, weight_bits", [("avx2", 7), ("avx512", 7), ("avx512-vnni", 8), ("avx512-bf16", 8)]
+)
+def test_int8_weights_use_7_bits_for_cpus_without_vnni_and_the_file_says_so(tmp_path, target_cpu, weight_bits):
+    """uint8 x int8 products added in pairs into 16 bits (AVX2, AVX-512 without VNNI) saturate past 32,767:
+    255 x 127 x 2 does, 255 x 64 x 2 does not. The file records the class and the bits, and the engine reads
+    them: exact on a VNNI CPU whatever the bits, on another only with 7 bits."""
+    import json
+
+    import onnx
+
+    import tools.quantize as quantize
+    from segnext_backend.cpu import INT8_METADATA_KEY, int8_file_status
+
+    model, feed = _spiky_token_model()
+    target = tmp_path / "int8.onnx"
+    quantize._quantize_static(model, target, [feed(0)], tmp_path, False, log=lambda _: None, target_cpu=target_cpu)
+    written = onnx.load(str(target))
+    dequantized = {node.input[0] for node in written.graph.node if node.op_type == "DequantizeLinear"}
+    weights = [
+        onnx.numpy_helper.to_array(init) for init in written.graph.initializer
+        if init.name in dequantized and init.data_type == onnx.TensorProto.INT8
+    ]
+    assert len(weights) == 3  # the three readers of the stream
+    largest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert largest == (64 if weight_bits == 7 else 127)  # each output channel's largest weight takes the top step
+    metadata = {prop.key: prop.value for prop in written.metadata_props}[INT8_METADATA_KEY]
+    assert json.loads(metadata) == {"target_cpu": target_cpu, "weight_bits": weight_bits}
+    without_vnni, with_vnni = {"avx2", "fma"}, {"avx2", "avx512bw", "avx512_vnni"}
+    assert int8_file_status(metadata, with_vnni)["exact_here"]
+    assert int8_file_status(metadata, without_vnni)["exact_here"] == (weight_bits == 7)

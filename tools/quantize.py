@@ -6,6 +6,7 @@
     python -m tools.quantize MODEL_DIR --out OUT_DIR --compare             # then times and compares both pairs
     python -m tools.quantize MODEL_DIR --compare --device openvino         # OpenVINO (bf16) on the same files
     python -m tools.quantize OUT_DIR --peak-memory                         # peak RSS of serving one pair
+    python -m tools.quantize MODEL_DIR --out OUT_DIR --target-cpu avx2     # int8 for another CPU than this one
 
 Writes OUT_DIR/encoder.onnx and OUT_DIR/decoder.onnx with SegNext's interface (float32 inputs and outputs),
 ready to serve: point MODEL_DIR at OUT_DIR. Nothing here is on by default: the backend serves whatever pair
@@ -30,6 +31,13 @@ are in tools/onnx_rewrites.py:
 - `int8`: as the default but the attention unfused, its products (Q.K^T, softmax.V) int8 too.
 - `int8-dynamic`: MatMul/Gemm weights int8, activations quantised per run, no calibration.
 
+The CPU (`--target-cpu`, default `auto`: the one this runs on; segnext_backend/cpu.py): ONNX Runtime multiplies
+uint8 activations by int8 weights, exactly (32-bit sums) on a CPU with VNNI, but on one without (AVX2, AVX-512
+before Cascade Lake) with an instruction that adds pairs of products into 16 bits and saturates. For such a
+CPU (`avx2`, `avx512`) the weights get 7 bits (ONNX Runtime's `reduce_range`), which never saturate and give
+the same answers on every x86 CPU; for `avx512-vnni` and `avx512-bf16`, 8 bits. Each int8 file records the
+class it was made for (metadata `segnext_backend.int8`), which the backend reports and checks at load.
+
 Calibration (the static recipes) runs the float32 pair on `--calibration-images` (a folder of images; by
 default photo-like synthetic ones) with a simulated click session per image: the encoder is calibrated on
 the images, the decoder on their features, clicks and the previous mask the float32 decoder produced, so
@@ -44,6 +52,7 @@ accuracy: rerun it, and an evaluation of NoC/mIoU, on the real model files befor
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import statistics
 import sys
@@ -57,6 +66,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from segnext_backend.cpu import CPU_CLASSES  # noqa: E402
 from segnext_backend.model_files import written_atomically  # noqa: E402
 from tools.onnx_rewrites import (  # noqa: E402
     distribute_concat_convs,
@@ -317,12 +327,52 @@ def _probe_feed(model) -> dict:
     return feed
 
 
+def target_cpu_class(target_cpu: str = "auto") -> str:
+    """The CPU class (segnext_backend.cpu.CPU_CLASSES) a variant is made for: `auto` is this CPU's, and a CPU
+    whose class is unknown (no /proc/cpuinfo) is taken as the class without VNNI, which is right everywhere."""
+    from segnext_backend.cpu import CPU_CLASSES, cpu_class, cpu_flags
+
+    if target_cpu == "auto":
+        return cpu_class(cpu_flags()) or "avx2"
+    if target_cpu not in CPU_CLASSES:
+        raise ValueError(f"unknown --target-cpu {target_cpu!r}; choose auto or one of {', '.join(CPU_CLASSES)}")
+    return target_cpu
+
+
+def describe_this_cpu() -> str:
+    """This CPU's class and what it means for int8, in words (the tool prints it before building and comparing)."""
+    from segnext_backend.cpu import cpu_class, cpu_flags, has_vnni
+
+    flags = cpu_flags()
+    vnni = "VNNI: 8-bit int8 weights are exact" if has_vnni(flags) else "no VNNI: 8-bit int8 weights saturate"
+    return f"{cpu_class(flags) or 'unknown class'} ({vnni})"
+
+
+def int8_weights(target_cpu: str) -> dict:
+    """quantize_static's arguments for the weights on a CPU class: 8 bits where the CPU adds uint8 x int8
+    products in 32 bits (VNNI), 7 bits (`reduce_range`) where it adds pairs of them in 16 bits and would
+    saturate (segnext_backend/cpu.py); uint8 activations x int8 weights either way, the combination ONNX
+    Runtime's x86 kernels run fastest."""
+    from onnxruntime.quantization import QuantType
+
+    from segnext_backend.cpu import int8_saturates
+
+    return {
+        "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8, "reduce_range": int8_saturates(target_cpu)
+    }
+
+
 def _quantize_static(
-    model, target: Path, feeds: list[dict], scratch: Path, float32_outliers: bool, threads: int = 0, log=print
+    model, target: Path, feeds: list[dict], scratch: Path, float32_outliers: bool, threads: int = 0, log=print,
+    target_cpu: str = "auto",
 ) -> None:
-    """Calibrate, make the outlier readers safe, and write the QDQ int8 model of `model` (loaded, float32)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    """Calibrate, make the outlier readers safe, and write the QDQ int8 model of `model` (loaded, float32) for
+    a CPU of class `target_cpu` (`auto`: this one)."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
+
+    from segnext_backend.cpu import INT8_METADATA_KEY
 
     prepared = scratch / f"{target.stem}.onnx"
     _save(model, prepared)
@@ -345,6 +395,13 @@ def _quantize_static(
     )
     ranges_path = scratch / f"{target.stem}.ranges.json"
     save_tensors_data(ranges, ranges_path)
+    target_class = target_cpu_class(target_cpu)
+    weights = int8_weights(target_class)
+    log(
+        f"{target.stem}: int8 for {target_class} CPUs: "
+        + ("7-bit weights, so that the 16-bit pair sums of CPUs without VNNI never saturate"
+           if weights["reduce_range"] else "8-bit weights (exact only where the CPU has VNNI)")
+    )
     with written_atomically(target) as tmp:
         quantize_static(
             str(prepared),
@@ -353,12 +410,15 @@ def _quantize_static(
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=STATIC_OP_TYPES,
             per_channel=True,
-            # uint8 activations x int8 weights: the combination the x86 VNNI kernels run fastest.
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
             nodes_to_exclude=kept_float,
             calibration_cache_path=ranges_path,
+            **weights,
         )
+        quantized = onnx.load(str(tmp))
+        made_for = {"target_cpu": target_class, "weight_bits": 7 if weights["reduce_range"] else 8}
+        props = {prop.key: prop.value for prop in quantized.metadata_props}  # the source's, kept
+        onnx.helper.set_model_props(quantized, {**props, INT8_METADATA_KEY: json.dumps(made_for)})
+        onnx.save_model(quantized, str(tmp))
 
 
 def _quantize_dynamic(source: Path, target: Path) -> None:
@@ -377,8 +437,10 @@ def build_variant(
     threads: int = 0,
     float32_outliers: bool = False,
     log=print,
+    target_cpu: str = "auto",
 ) -> tuple[Path, Path]:
-    """Write OUT_DIR/encoder.onnx and OUT_DIR/decoder.onnx made from MODEL_DIR's float32 pair by `recipe`."""
+    """Write OUT_DIR/encoder.onnx and OUT_DIR/decoder.onnx made from MODEL_DIR's float32 pair by `recipe`; the
+    int8 recipes for CPUs of class `target_cpu` (`auto`: this one)."""
     import onnx
 
     if recipe not in RECIPES:
@@ -415,7 +477,9 @@ def build_variant(
                     distributed = distribute_concat_convs(model, _probe_feed(model))
                     log(f"{role}: {distributed} convolutions over a concatenation distributed")
                 if static:
-                    _quantize_static(model, target, feeds[role], Path(scratch), float32_outliers, threads, log)
+                    _quantize_static(
+                        model, target, feeds[role], Path(scratch), float32_outliers, threads, log, target_cpu
+                    )
                 else:
                     _save(model, target)
                 del model
@@ -497,6 +561,7 @@ def compare(
     result["iou"] = {"median": statistics.median(ious), "mean": statistics.fmean(ious), "min": min(ious), "clicks": len(ious)}
     result["first_click_iou_median"] = statistics.median(first_ious)
     result["float32_mask_fraction_median"] = statistics.median(fractions)
+    result["variant_int8"] = engines["variant"].files["decoder"].int8
     return result
 
 
@@ -512,6 +577,11 @@ def print_comparison(result: dict) -> None:
         f"min {iou['min']:.3f}; first clicks median {result['first_click_iou_median']:.3f}; "
         f"float32 masks cover a median {result['float32_mask_fraction_median']:.0%} of the frame"
     )
+    int8 = result.get("variant_int8")
+    if int8:
+        print(
+            f"the variant's int8 was made for {int8['made_for']} CPUs; on this one ({int8['this_cpu']}): {int8['why']}"
+        )
 
 
 def peak_memory(model_dir: Path, clicks: int = 3, threads: int = 0) -> float:
@@ -545,6 +615,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "openvino"),
                         help="--compare: where the variant runs (default: the DEVICE setting); with no --out, the "
                         "variant is MODEL_DIR's own pair there: `--compare --device openvino` measures OpenVINO's bf16")
+    parser.add_argument("--target-cpu", choices=("auto",) + CPU_CLASSES, default="auto",
+                        help="the static int8 recipes: the class of the CPU that will serve the variant (default: "
+                        "this one's). avx2 and avx512 (no VNNI) get 7-bit weights, which never saturate; "
+                        "avx512-vnni and avx512-bf16 8-bit ones, exact only with VNNI")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     for role in ROLES:
@@ -558,13 +632,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         parser.error("--out OUT_DIR is required")
     if not args.skip_build:
+        print(f"this CPU: {describe_this_cpu()}")
         build_variant(
             args.model_dir, args.out, args.recipe, args.calibration_images, args.calibration_count, args.threads,
-            args.float32_outliers,
+            args.float32_outliers, target_cpu=args.target_cpu,
         )
         arena = " ORT_ENCODER_MEMORY_ARENA=true" if args.recipe.startswith("int8") else ""
         print(f"serve it with MODEL_DIR={args.out}{arena} (README, \"Faster clicks on CPU\")")
     if args.compare:
+        print(f"comparing on this CPU: {describe_this_cpu()}")
         print_comparison(compare(args.model_dir, args.out, args.images, args.clicks, args.threads, args.device))
     return 0
 
