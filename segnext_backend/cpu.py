@@ -84,8 +84,8 @@ def int8_saturates(target: str) -> bool:
     return target in ("avx2", "avx512")
 
 
-# tools.quantize writes, into each int8 file's metadata, the CPU class it was made for and its weights' bits
-# (JSON), so that the backend can say whether the file is exact on the CPU that serves it.
+# tools.quantize writes, into each int8 file's metadata, the CPU class it was made for, its weights' bits and
+# its recipe (JSON), so that the backend can say whether the file is exact on the CPU that serves it.
 INT8_METADATA_KEY = "segnext_backend.int8"
 
 
@@ -111,5 +111,6 @@ def int8_file_status(metadata: str | None, flags: set[str]) -> dict | None:
             "rebuild the pair with `python -m tools.quantize MODEL_DIR --out OUT_DIR` on it (or --target-cpu avx2)"
         )
     return {
-        "made_for": made.get("target_cpu"), "weight_bits": weight_bits, "this_cpu": here, "exact_here": exact, "why": why
+        "made_for": made.get("target_cpu"), "recipe": made.get("recipe"), "weight_bits": weight_bits,
+        "this_cpu": here, "exact_here": exact, "why": why,
     }

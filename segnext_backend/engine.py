@@ -174,7 +174,8 @@ class SegNextEngine:
             if info.int8 is not None:
                 logger.log(
                     logging.INFO if info.int8["exact_here"] else logging.WARNING,
-                    "%s: int8 made for %s CPUs: %s", role, info.int8["made_for"], info.int8["why"],
+                    "%s: int8 (%s recipe) made for %s CPUs: %s",
+                    role, info.int8["recipe"] or "unnamed", info.int8["made_for"], info.int8["why"],
                 )
         # Each SegNext run holds about a gigabyte of attention maps: these bound how many go at once.
         # One encode at a time keeps a burst of newly opened tasks from starving the clicks of memory.

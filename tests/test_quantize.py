@@ -52,13 +52,15 @@ def test_fused_attention_gives_the_same_logits_without_the_score_matrix(shallow_
 
 
 def test_quantize_command_writes_a_servable_pair_with_segnext_interface(shallow_models, tmp_path, monkeypatch, caplog):
-    """`python -m tools.quantize MODEL_DIR --out OUT_DIR` (the default recipe: static int8 + fused attention)."""
+    """`python -m tools.quantize MODEL_DIR --out OUT_DIR --recipe int8+fused-attention` (static int8 + fused
+    attention, the default on a CPU with VNNI)."""
     import subprocess
 
     encoder, decoder = shallow_models
     out = tmp_path / "faster"
     subprocess.run(
-        [sys.executable, "-m", "tools.quantize", str(encoder.parent), "--out", str(out), "--calibration-count", "1"],
+        [sys.executable, "-m", "tools.quantize", str(encoder.parent), "--out", str(out), "--calibration-count", "1",
+         "--recipe", "int8+fused-attention"],
         cwd=Path(__file__).resolve().parents[1],
         check=True,
         timeout=900,
@@ -94,6 +96,7 @@ def test_quantize_command_writes_a_servable_pair_with_segnext_interface(shallow_
     for role, info in SegNextEngine(encoder8, decoder8, intra_op_threads=1).files.items():
         assert info.int8["made_for"] == info.int8["this_cpu"] == cpu_class(cpu_flags()), role
         assert info.int8["exact_here"] is True, role
+        assert info.int8["recipe"] == "int8+fused-attention", role  # /health says which recipe made it
     assert SegNextEngine(encoder, decoder, intra_op_threads=1).files["decoder"].int8 is None  # float32
     # Served on a CPU without VNNI, a pair with 8-bit weights is flagged in /health's fields and the log.
     import logging
@@ -426,6 +429,61 @@ def test_float32_outliers_builds_a_servable_pair_and_needs_a_static_recipe(shall
     assert np.corrcoef(logits32.ravel(), logits8.ravel())[0, 1] > 0.9
 
 
+@pytest.mark.parametrize(
+    "target_cpu, recipe",
+    [("avx2", "int8-decoder"), ("avx512", "int8-decoder"), ("avx512-vnni", "int8+fused-attention"),
+     ("avx512-bf16", "int8+fused-attention")],
+)
+def test_the_auto_recipe_is_int8_decoder_exactly_on_cpus_without_vnni(target_cpu, recipe):
+    from tools.quantize import DEFAULT_RECIPE, resolve_recipe
+
+    assert DEFAULT_RECIPE == "auto"
+    chosen, why = resolve_recipe("auto", target_cpu)
+    assert chosen == recipe and target_cpu in why
+    assert resolve_recipe("int8+fused-attention", target_cpu) == ("int8+fused-attention", None)  # asked for: kept
+
+
+def test_int8_decoder_keeps_the_encoder_exact_and_the_head_float32_for_masks_closer_to_float32(
+    shallow_segnext, tmp_path
+):
+    """On a CPU without VNNI (7-bit weights, the same answers on every x86 CPU), `int8-decoder` quantises only
+    the decoder, keeps its head float32, and its masks follow float32's more closely than int8+fused-attention's
+    on the same clicks."""
+    import json
+
+    import onnx
+
+    from segnext_backend.cpu import INT8_METADATA_KEY
+    from tools.quantize import build_variant, compare
+
+    _, encoder, _ = shallow_segnext
+    logs = []
+    close = build_variant(
+        encoder.parent, tmp_path / "close", "auto", calibration_count=1, target_cpu="avx2", log=logs.append
+    )
+    assert any(line.startswith("recipe int8-decoder: avx2 CPUs have no VNNI") for line in logs), logs
+    encoder_ops = _op_types(close[0])
+    assert "MultiHeadAttention" in encoder_ops and not encoder_ops & {"QuantizeLinear", "DequantizeLinear"}
+    decoder_model = onnx.load(str(close[1]))
+    graph = decoder_model.graph
+    floats = {init.name for init in graph.initializer if init.data_type == onnx.TensorProto.FLOAT}
+    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    weighted = [node for node in graph.node if node.op_type in ("Conv", "MatMul") and len(node.input) > 1]
+    head = [node for node in weighted if node.name.startswith("/head/")]
+    blocks = [node for node in weighted if node.name.startswith("/fusion_blocks") and node.input[1] in dequantized]
+    assert head and all(node.input[1] in floats for node in head), [node.name for node in head]
+    assert len(blocks) == 4  # qkv, proj, fc1, fc2 of the one fusion block: int8 weights
+    made_for = json.loads({prop.key: prop.value for prop in decoder_model.metadata_props}[INT8_METADATA_KEY])
+    assert made_for == {"target_cpu": "avx2", "weight_bits": 7, "recipe": "int8-decoder"}
+    build_variant(
+        encoder.parent, tmp_path / "fast", "int8+fused-attention", calibration_count=1, target_cpu="avx2",
+        log=lambda _: None,
+    )
+    close_iou = compare(encoder.parent, tmp_path / "close", images=2, clicks=3, threads=1, device="cpu")["iou"]
+    fast_iou = compare(encoder.parent, tmp_path / "fast", images=2, clicks=3, threads=1, device="cpu")["iou"]
+    assert close_iou["mean"] > fast_iou["mean"] and close_iou["min"] > fast_iou["min"], (close_iou, fast_iou)
+
+
 def test_a_symlink_planted_at_a_temporary_name_is_never_written_through(shallow_models, tmp_path):
     # The files are written to unique, exclusively created temporary names beside their targets: a symlink
     # planted where a fixed temporary name would be is left alone, and so is the file it points to.
@@ -479,7 +537,7 @@ def test_int8_weights_use_7_bits_for_cpus_without_vnni_and_the_file_says_so(tmp_
     largest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
     assert largest == (64 if weight_bits == 7 else 127)  # each output channel's largest weight takes the top step
     metadata = {prop.key: prop.value for prop in written.metadata_props}[INT8_METADATA_KEY]
-    assert json.loads(metadata) == {"target_cpu": target_cpu, "weight_bits": weight_bits}
+    assert json.loads(metadata) == {"target_cpu": target_cpu, "weight_bits": weight_bits, "recipe": "int8+fused-attention"}
     without_vnni, with_vnni = {"avx2", "fma"}, {"avx2", "avx512bw", "avx512_vnni"}
     assert int8_file_status(metadata, with_vnni)["exact_here"]
     assert int8_file_status(metadata, without_vnni)["exact_here"] == (weight_bits == 7)

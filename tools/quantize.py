@@ -1,6 +1,6 @@
 """Faster CPU variants of a SegNext encoder/decoder pair, and how they compare with float32.
 
-    python -m tools.quantize MODEL_DIR --out OUT_DIR                       # the fastest recipe
+    python -m tools.quantize MODEL_DIR --out OUT_DIR                       # the recipe for this CPU (auto)
     python -m tools.quantize MODEL_DIR --out OUT_DIR --float32-outliers    # closer masks, less speed
     python -m tools.quantize MODEL_DIR --out OUT_DIR --recipe exact        # float32, exact rewrites only
     python -m tools.quantize MODEL_DIR --out OUT_DIR --compare             # then times and compares both pairs
@@ -13,7 +13,8 @@ ready to serve: point MODEL_DIR at OUT_DIR. Nothing here is on by default: the b
 MODEL_DIR holds, float32 unless you put a variant there. Recipes (`--recipe`); the graph rewrites they use
 are in tools/onnx_rewrites.py:
 
-- `int8+fused-attention` (the default): every attention becomes ONNX Runtime's MultiHeadAttention kernel
+- `auto` (the default): `int8+fused-attention` for a CPU with VNNI, `int8-decoder` for one without (below).
+- `int8+fused-attention`: every attention becomes ONNX Runtime's MultiHeadAttention kernel
   (float32; it never writes the 12 x 4096 x 4096 score matrix of a global attention), and everything else
   that carries weights is static int8 (QDQ): MatMul, Conv and ConvTranspose weights int8 per output channel,
   activations uint8 with ranges calibrated on representative inputs, and the Concat, Resize and
@@ -25,6 +26,11 @@ are in tools/onnx_rewrites.py:
 - `int8+fused-attention --float32-outliers`: also keeps float32 every int8 candidate still reading a tensor
   whose peak is over 40x its RMS, and distributes the head's fusion conv over its concatenation (so that,
   float32, it costs a quarter). Masks closer to float32, less speed.
+- `int8-decoder`: int8 where each click pays, the decoder, as `int8+fused-attention --float32-outliers` but
+  with the head float32 too (the convolutions after the neck, which write the logits: where the int8 error
+  moves the mask's edge most directly); the encoder, run once per image, gets the `exact` rewrites only. The
+  masks closest to float32's of the int8 recipes, and the default on CPUs without VNNI, whose 7-bit weights
+  cost agreement elsewhere (docs/performance.md).
 - `exact`: only the rewrites that change nothing beyond float rounding: attention fused, the head's fusion
   conv distributed. No calibration.
 - `fused-attention`: the attention fused, nothing else.
@@ -76,8 +82,9 @@ from tools.onnx_rewrites import (  # noqa: E402
     scale_outlier_readers,
 )
 
-RECIPES = ("int8+fused-attention", "exact", "fused-attention", "int8", "int8-dynamic")
-DEFAULT_RECIPE = "int8+fused-attention"
+RECIPES = ("auto", "int8+fused-attention", "int8-decoder", "exact", "fused-attention", "int8", "int8-dynamic")
+DEFAULT_RECIPE = "auto"
+STATIC_RECIPES = ("int8+fused-attention", "int8-decoder", "int8")
 ROLES = ("encoder", "decoder")
 WEIGHTED_OP_TYPES = ["MatMul", "Conv", "ConvTranspose"]
 # Between two int8 nodes these move uint8 values instead of float32 ones: their calibrated output range is their
@@ -348,6 +355,36 @@ def describe_this_cpu() -> str:
     return f"{cpu_class(flags) or 'unknown class'} ({vnni})"
 
 
+def recipe_for_cpu(target_class: str) -> tuple[str, str]:
+    """The recipe `auto` means for a CPU class, and why, in words (the tool logs it)."""
+    from segnext_backend.cpu import int8_saturates
+
+    if int8_saturates(target_class):
+        return "int8-decoder", (
+            f"{target_class} CPUs have no VNNI, so their int8 weights get 7 bits, which cost agreement: int8 in the "
+            "decoder only, its head and outlier readers float32, keeps the masks closest to float32's"
+        )
+    return "int8+fused-attention", f"{target_class} CPUs add int8 products exactly (VNNI): the fastest int8 recipe"
+
+
+def resolve_recipe(recipe: str, target_cpu: str = "auto") -> tuple[str, str | None]:
+    """(the recipe to build, why it was chosen or None): `auto` becomes the recipe for the target CPU's class."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    if recipe != "auto":
+        return recipe, None
+    return recipe_for_cpu(target_cpu_class(target_cpu))
+
+
+def head_nodes(model) -> list[str]:
+    """Names of the decoder head's quantisable nodes: the convolutions between the neck and the logits (and the
+    rearranging ops among them), named /head/... in a SegNext export."""
+    found = [node.name for node in model.graph.node if node.name.startswith("/head/") and node.op_type in STATIC_OP_TYPES]
+    if not found:
+        raise ValueError("the decoder has no /head/ nodes: not a SegNext decoder export (tools.convert_checkpoint)")
+    return found
+
+
 def int8_weights(target_cpu: str) -> dict:
     """quantize_static's arguments for the weights on a CPU class: 8 bits where the CPU adds uint8 x int8
     products in 32 bits (VNNI), 7 bits (`reduce_range`) where it adds pairs of them in 16 bits and would
@@ -364,10 +401,10 @@ def int8_weights(target_cpu: str) -> dict:
 
 def _quantize_static(
     model, target: Path, feeds: list[dict], scratch: Path, float32_outliers: bool, threads: int = 0, log=print,
-    target_cpu: str = "auto",
+    target_cpu: str = "auto", float32_head: bool = False, recipe: str = "int8+fused-attention",
 ) -> None:
     """Calibrate, make the outlier readers safe, and write the QDQ int8 model of `model` (loaded, float32) for
-    a CPU of class `target_cpu` (`auto`: this one)."""
+    a CPU of class `target_cpu` (`auto`: this one); `float32_head` keeps the decoder's head float32."""
     import onnx
     from onnxruntime.quantization import QuantFormat, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
@@ -386,6 +423,7 @@ def _quantize_static(
         _save(model, prepared)
         ranges, peak_to_rms = calibrate_ranges(prepared, feeds, threads=threads)
     kept_float = edges + (outlier_readers(model, peak_to_rms) if float32_outliers else [])
+    kept_float += head_nodes(model) if float32_head else []
     kept_float = list(dict.fromkeys(kept_float))
     highest = sorted(peak_to_rms.items(), key=lambda kv: -kv[1])[:4]
     log(
@@ -415,7 +453,7 @@ def _quantize_static(
             **weights,
         )
         quantized = onnx.load(str(tmp))
-        made_for = {"target_cpu": target_class, "weight_bits": 7 if weights["reduce_range"] else 8}
+        made_for = {"target_cpu": target_class, "weight_bits": 7 if weights["reduce_range"] else 8, "recipe": recipe}
         props = {prop.key: prop.value for prop in quantized.metadata_props}  # the source's, kept
         onnx.helper.set_model_props(quantized, {**props, INT8_METADATA_KEY: json.dumps(made_for)})
         onnx.save_model(quantized, str(tmp))
@@ -440,22 +478,24 @@ def build_variant(
     target_cpu: str = "auto",
 ) -> tuple[Path, Path]:
     """Write OUT_DIR/encoder.onnx and OUT_DIR/decoder.onnx made from MODEL_DIR's float32 pair by `recipe`; the
-    int8 recipes for CPUs of class `target_cpu` (`auto`: this one)."""
+    int8 recipes for CPUs of class `target_cpu` (`auto`: this one), and `auto` the recipe for that class."""
     import onnx
 
-    if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    recipe, why = resolve_recipe(recipe, target_cpu)
+    if why:
+        log(f"recipe {recipe}: {why}")
     if out_dir.resolve() == model_dir.resolve():
         raise ValueError("--out must be another folder than MODEL_DIR: the float32 pair is the calibration source")
-    static = recipe in ("int8+fused-attention", "int8")
-    if float32_outliers and not static:
-        raise ValueError("--float32-outliers applies to the static int8 recipes (int8+fused-attention, int8)")
-    fuse = recipe in ("int8+fused-attention", "fused-attention", "exact")
-    # Distributed, the head's fusion conv is cheaper in float32 but its int8 parts would add in uint8.
-    distribute = recipe == "exact" or float32_outliers
+    if float32_outliers and recipe not in STATIC_RECIPES:
+        raise ValueError(f"--float32-outliers applies to the static int8 recipes ({', '.join(STATIC_RECIPES)})")
+    # int8-decoder: the encoder gets the exact rewrites, the decoder int8 with its outlier readers and head float32.
+    static_roles = {"encoder", "decoder"} if recipe in ("int8+fused-attention", "int8") else set()
+    if recipe == "int8-decoder":
+        static_roles, float32_outliers = {"decoder"}, True
+    fuse = recipe in ("int8+fused-attention", "int8-decoder", "fused-attention", "exact")
     out_dir.mkdir(parents=True, exist_ok=True)
     feeds = {}
-    if static:
+    if static_roles:
         started = time.perf_counter()
         images = calibration_images(images_dir, calibration_count)
         feeds["encoder"], feeds["decoder"] = calibration_feeds(model_dir, images, threads)
@@ -469,6 +509,9 @@ def build_variant(
                 _quantize_dynamic(source, target)
             else:
                 model = onnx.load(str(source))
+                static = role in static_roles
+                # Distributed, the head's fusion conv is cheaper in float32 but its int8 parts would add in uint8.
+                distribute = recipe == "exact" or float32_outliers or not static and recipe == "int8-decoder"
                 if fuse:
                     log(f"{role}: {fuse_attention(model)} attentions fused")
                 if static or distribute:
@@ -478,7 +521,8 @@ def build_variant(
                     log(f"{role}: {distributed} convolutions over a concatenation distributed")
                 if static:
                     _quantize_static(
-                        model, target, feeds[role], Path(scratch), float32_outliers, threads, log, target_cpu
+                        model, target, feeds[role], Path(scratch), float32_outliers, threads, log, target_cpu,
+                        float32_head=recipe == "int8-decoder", recipe=recipe,
                     )
                 else:
                     _save(model, target)
@@ -601,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", type=Path, help="folder with the float32 encoder.onnx and decoder.onnx")
     parser.add_argument("--out", type=Path, help="folder to write the variant's encoder.onnx and decoder.onnx to")
-    parser.add_argument("--recipe", choices=RECIPES, default=DEFAULT_RECIPE)
+    parser.add_argument("--recipe", choices=RECIPES, default=DEFAULT_RECIPE,
+                        help="auto (default): int8+fused-attention for a CPU with VNNI, int8-decoder without")
     parser.add_argument("--calibration-images", type=Path, help="folder of representative images (default: synthetic)")
     parser.add_argument("--calibration-count", type=int, default=2, help="images to calibrate on (3 clicks each)")
     parser.add_argument("--compare", action="store_true", help="then time float32 vs the variant and compare masks")
@@ -618,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-cpu", choices=("auto",) + CPU_CLASSES, default="auto",
                         help="the static int8 recipes: the class of the CPU that will serve the variant (default: "
                         "this one's). avx2 and avx512 (no VNNI) get 7-bit weights, which never saturate; "
-                        "avx512-vnni and avx512-bf16 8-bit ones, exact only with VNNI")
+                        "avx512-vnni and avx512-bf16 8-bit ones, exact only with VNNI; the `auto` recipe follows it")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     for role in ROLES:
@@ -633,11 +678,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--out OUT_DIR is required")
     if not args.skip_build:
         print(f"this CPU: {describe_this_cpu()}")
+        recipe, why = resolve_recipe(args.recipe, args.target_cpu)
+        if why:
+            print(f"recipe {recipe}: {why}")
         build_variant(
-            args.model_dir, args.out, args.recipe, args.calibration_images, args.calibration_count, args.threads,
+            args.model_dir, args.out, recipe, args.calibration_images, args.calibration_count, args.threads,
             args.float32_outliers, target_cpu=args.target_cpu,
         )
-        arena = " ORT_ENCODER_MEMORY_ARENA=true" if args.recipe.startswith("int8") else ""
+        int8_encoder = recipe in ("int8+fused-attention", "int8", "int8-dynamic")
+        arena = " ORT_ENCODER_MEMORY_ARENA=true" if int8_encoder else ""
         print(f"serve it with MODEL_DIR={args.out}{arena} (README, \"Faster clicks on CPU\")")
     if args.compare:
         print(f"comparing on this CPU: {describe_this_cpu()}")
