@@ -493,6 +493,8 @@ def build_variant(
     if recipe == "int8-decoder":
         static_roles, float32_outliers = {"decoder"}, True
     fuse = recipe in ("int8+fused-attention", "int8-decoder", "fused-attention", "exact")
+    # Distributed, the head's fusion conv is cheaper in float32 but its int8 parts would add in uint8.
+    distribute = recipe == "exact" or float32_outliers
     out_dir.mkdir(parents=True, exist_ok=True)
     feeds = {}
     if static_roles:
@@ -510,8 +512,6 @@ def build_variant(
             else:
                 model = onnx.load(str(source))
                 static = role in static_roles
-                # Distributed, the head's fusion conv is cheaper in float32 but its int8 parts would add in uint8.
-                distribute = recipe == "exact" or float32_outliers or not static and recipe == "int8-decoder"
                 if fuse:
                     log(f"{role}: {fuse_attention(model)} attentions fused")
                 if static or distribute:
