@@ -61,12 +61,7 @@ class SlowProxy:
         while True:
             due, data = pending.get()
             time.sleep(max(0.0, due - time.monotonic()))
-            if not data:
-                _shutdown(destination)
-                return
-            try:
-                destination.sendall(data)
-            except OSError:
+            if not _forward(data, destination):
                 return
 
     @staticmethod
@@ -76,12 +71,7 @@ class SlowProxy:
                 data = source.recv(65536)
             except OSError:
                 data = b""
-            if not data:
-                _shutdown(destination)
-                return
-            try:
-                destination.sendall(data)
-            except OSError:
+            if not _forward(data, destination):
                 return
 
     def close(self) -> None:
@@ -90,6 +80,19 @@ class SlowProxy:
         for sock in self._sockets:
             _shutdown(sock)
             sock.close()
+
+
+def _forward(data: bytes, destination: socket.socket) -> bool:
+    """Send `data` on; False once the stream is over: the source ended (b"", passed on as a shutdown) or the
+    destination is gone."""
+    if not data:
+        _shutdown(destination)
+        return False
+    try:
+        destination.sendall(data)
+    except OSError:
+        return False
+    return True
 
 
 def _shutdown(sock: socket.socket) -> None:
