@@ -33,7 +33,7 @@ def find_binary(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin:/sbin")
 
 
-def _wait(ready, what: str, process: subprocess.Popen, log: Path, deadline_seconds: float = READY_DEADLINE_SECONDS):
+def wait_until_ready(ready, what: str, process: subprocess.Popen, log: Path, deadline_seconds: float = READY_DEADLINE_SECONDS):
     deadline = time.monotonic() + deadline_seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -86,7 +86,7 @@ class RedisServer:
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
         )
-        _wait(self.ping, "redis-server", self.process, log)
+        wait_until_ready(self.ping, "redis-server", self.process, log)
         return self
 
     def ping(self) -> bool:
@@ -152,7 +152,7 @@ class Nginx:
             with socket.create_connection(("127.0.0.1", self.port), timeout=2):
                 return True
 
-        _wait(listening, "nginx", self.process, log)
+        wait_until_ready(listening, "nginx", self.process, log)
         return self
 
     def stop(self) -> None:
@@ -189,7 +189,7 @@ class Backend:
         return self
 
     def wait_ready(self) -> "Backend":
-        _wait(lambda: requests.get(self.url + "/health", timeout=10).status_code == 200, "backend", self.process, self.log)
+        wait_until_ready(lambda: requests.get(self.url + "/health", timeout=10).status_code == 200, "backend", self.process, self.log)
         return self
 
     def metrics(self) -> dict:

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tools.file_server import BytesHandler, free_port, start_server  # noqa: E402
-from tools.fleet import RedisServer, find_binary  # noqa: E402
+from tools.fleet import RedisServer, find_binary, wait_until_ready  # noqa: E402
 from tools.slow_proxy import SlowProxy  # noqa: E402
 from tools.scenes import Scene, click_on, decode_region, encode_png, iou, keypoint, make_scene, predict_body  # noqa: E402
 
@@ -333,16 +333,7 @@ def main(argv=None) -> int:
     auth = (USER, PASSWORD)
     failures = []
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if requests.get(url + "/health", auth=auth, timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline or backend.poll() is not None:
-                raise RuntimeError("backend did not start: " + log_path.read_text()[-2000:])
-            time.sleep(0.2)
+        wait_until_ready(lambda: requests.get(url + "/health", auth=auth, timeout=5).status_code == 200, "backend", backend, log_path)
 
         def post(body, **kwargs) -> requests.Response:
             data = json.dumps(body)  # Python's json writes 10**400 as digits, which a JSON parser must take
@@ -686,16 +677,11 @@ def main(argv=None) -> int:
             )
             other_url = f"http://127.0.0.1:{other_port}"
             try:
-                deadline = time.monotonic() + 300
-                while True:
-                    try:
-                        if requests.get(other_url + "/health", auth=auth, timeout=5).status_code == 200:
-                            break
-                    except requests.RequestException:
-                        pass
-                    if time.monotonic() > deadline or other.poll() is not None:
-                        return False, "the FAST_JPEG_DECODE=true backend did not start: " + other_log.read_text()[-300:]
-                    time.sleep(0.2)
+                try:
+                    wait_until_ready(lambda: requests.get(other_url + "/health", auth=auth, timeout=5).status_code == 200,
+                                     "the FAST_JPEG_DECODE=true backend", other, other_log)
+                except RuntimeError as error:
+                    return False, str(error)
                 second = requests.post(other_url + "/predict", json=predict_body("/data/upload/1/large.jpg", [click_on(large, 1)], task_id=700),
                                        auth=auth, timeout=120)
                 metrics = requests.get(other_url + "/metrics", auth=auth, timeout=60).json()
